@@ -1,0 +1,126 @@
+"""Typed run settings that round-trip through TOML (stdlib ``tomllib`` to read, ``tomli_w`` to write).
+
+Every section is a dataclass; an unknown key anywhere is an error that names it and lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message says what to change."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist | fashion-mnist | binarized-mnist | linear-gaussian
+    path: str = ""  # directory with the data files (not used for the embedded digits)
+    binarize: str = "static"  # none | static | dynamic
+    likelihood: str = "bernoulli"  # bernoulli | gaussian
+    quadrants: int = 1  # visible quadrants (x) for conditional pairs; the rest is y
+    max_train: int = 0  # use only the first max_train training points (0 = all)
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = 8
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    hybrid_alpha: float = 0.5  # cvae-hybrid: alpha * CVAE + (1 - alpha) * GSNN
+
+
+@dataclass
+class SVIConfig:
+    objective: str = "trace"  # trace | meanfield | iwae
+    num_particles: int = 1  # particles per point (the K of IWAE)
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    clip_norm: float = 10.0
+    patience: int = 15  # epochs without a better validation ELBO before stopping
+    warmup_epochs: int = 0  # KL weight beta rises linearly from 1/warmup to 1 over these epochs
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    num_particles: int = 1000  # importance samples per test point for log p(x)
+    local_refit_steps: int = 500  # steps to fit a non-amortized guide on test points, decoder frozen
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    variants: list[str] = field(default_factory=list)  # empty = every registered variant
+    diagnose: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    svi: SVIConfig = field(default_factory=SVIConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]!r}; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a table [{where}{key}], got {value!r}")
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+            continue
+        kwargs[key] = _check_type(value, hint, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list of {item.__name__}, got {value!r}")
+        return [_check_type(v, item, f"{name}[]") for v in value]
+    if origin in (typing.Union, types.UnionType):
+        hint = typing.get_args(hint)[0]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """A ``RunConfig`` from nested dicts (the parsed TOML); unknown keys and wrong types are errors."""
+    return _build(RunConfig, values, "")
+
+
+def load(path: str | Path) -> RunConfig:
+    """Read a TOML config; every key is optional and defaults to the quick start's value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a .toml file")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    try:
+        return from_dict(values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dumps(config: RunConfig) -> str:
+    """The resolved config as TOML text (round-trips through :func:`from_dict`)."""
+    return tomli_w.dumps(dataclasses.asdict(config))

@@ -1,0 +1,155 @@
+"""The variants: name -> factory that builds a model/guide ``Pair`` for a data set, and a one-line description.
+
+The contract every pair follows (see the README, "The model/guide contract"):
+
+* model and guide are ``nn.Module``s called with the same arguments: ``(x)`` for unconditional pairs,
+  ``(x, y=None)`` for conditional ones;
+* the model has one latent sample site ``"z"`` (event shape ``[latent_dim]``) and its observed site inside
+  ``models.plate.data_plate`` (``pyro.plate("data", size=N, subsample=...)`` at dim -1); the guide samples
+  ``"z"`` in the same plate;
+* the distribution at the model's ``"z"`` site IS the prior for that data point.
+
+To add a variant: write the model or guide module, then one ``@register`` factory here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyro.infer import ELBO
+from torch import nn
+
+from experiments.config import ModelConfig
+from experiments.data import Dataset
+from guides.amortized_normal import AmortizedNormalGuide, ConditionalAmortizedNormalGuide, PriorNetGuide
+from guides.constant_normal import ConstantNormalGuide
+from guides.local_normal import LocalNormalGuide
+from models.cvae import ConditionalVAE
+from models.decoders import ConditionalMLPDecoder, MLPDecoder
+from models.likelihoods import make_likelihood
+from models.priors import ConditionalNormalPrior, StandardNormalPrior
+from models.vae import VAE
+
+
+@dataclass
+class Pair:
+    """A model and its guide. ``objective(elbo)`` is the ``nn.Module`` that training minimizes."""
+
+    model: nn.Module
+    guide: nn.Module
+    conditional: bool = False
+
+    def objective(self, elbo: ELBO) -> nn.Module:
+        return elbo(self.model, self.guide)
+
+
+class WeightedObjective(nn.Module):
+    """sum_i w_i * loss_i over several ELBO modules that share networks (their parameters are deduplicated)."""
+
+    def __init__(self, losses: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.losses = nn.ModuleList(losses)
+        self.weights = weights
+
+    def forward(self, *args, **kwargs):
+        return sum(w * loss(*args, **kwargs) for w, loss in zip(self.weights, self.losses, strict=True) if w)
+
+
+@dataclass
+class HybridPair(Pair):
+    """Sohn et al. (2015) section 4.2: L = alpha * L_CVAE + (1 - alpha) * L_GSNN.
+
+    The CVAE term uses the recognition guide q(z|x,y); the GSNN term uses the prior network p(z|x) as the
+    proposal, so it trains the generation path on the z that prediction will use.
+    """
+
+    alpha: float = 0.5
+    prior_guide: nn.Module | None = None
+
+    def objective(self, elbo: ELBO) -> nn.Module:
+        return WeightedObjective([elbo(self.model, self.guide), elbo(self.model, self.prior_guide)],
+                                 [self.alpha, 1.0 - self.alpha])
+
+
+PairFactory = Callable[[Dataset, ModelConfig, str], Pair]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    factory: PairFactory
+    description: str
+    conditional: bool
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(name: str, description: str, conditional: bool = False) -> Callable[[PairFactory], PairFactory]:
+    """Add ``factory(data, model_config, likelihood) -> Pair`` to the registry under ``name``."""
+
+    def add(factory: PairFactory) -> PairFactory:
+        if name in VARIANTS:
+            raise ValueError(f"variant {name!r} is registered twice")
+        VARIANTS[name] = Variant(name, factory, description, conditional)
+        return factory
+
+    return add
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; `vae-priors list` shows the registered ones: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _vae(data: Dataset, cfg: ModelConfig, likelihood: str, prior: nn.Module, guide: nn.Module) -> Pair:
+    decoder = MLPDecoder(cfg.latent_dim, cfg.hidden[::-1], data.x_dim)
+    return Pair(VAE(prior, decoder, make_likelihood(likelihood, data.x_dim)), guide)
+
+
+@register("vae", "N(0, I) prior, MLP decoder p(x|z), amortized Gaussian guide q(z|x)")
+def vae(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    return _vae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim), guide)
+
+
+@register("vae-constant-guide", "control: q(z) = N(mu, sigma^2) with learned constants that ignore x")
+def vae_constant_guide(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    return _vae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim), ConstantNormalGuide(cfg.latent_dim))
+
+
+@register("vae-local-guide", "non-amortized (mu_n, sigma_n) per training point; same decoder as vae")
+def vae_local_guide(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    guide = LocalNormalGuide(len(data.train), cfg.latent_dim)
+    return _vae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim), guide)
+
+
+def _cvae(data: Dataset, cfg: ModelConfig, likelihood: str, prior: nn.Module) -> tuple[ConditionalVAE, nn.Module]:
+    decoder = ConditionalMLPDecoder(data.x_dim, cfg.latent_dim, cfg.hidden[::-1], data.y_dim)
+    model = ConditionalVAE(prior, decoder, make_likelihood(likelihood, data.y_dim))
+    return model, ConditionalAmortizedNormalGuide(data.x_dim, data.y_dim, cfg.hidden, cfg.latent_dim)
+
+
+@register("cvae", "Sohn et al. CVAE: prior net p(z|x), recognition q(z|x,y), generation p(y|x,z)", True)
+def cvae(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    prior = ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim)
+    return Pair(*_cvae(data, cfg, likelihood, prior), conditional=True)
+
+
+@register("cvae-independent-prior", "CVAE with p(z|x) = p(z) = N(0, I) (Sohn's relaxation)", True)
+def cvae_independent_prior(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    return Pair(*_cvae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim)), conditional=True)
+
+
+@register("gsnn", "GSNN: p(y|x,z) trained with z ~ p(z|x) from the prior net (no recognition net)", True)
+def gsnn(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    model, _ = _cvae(data, cfg, likelihood, ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim))
+    return Pair(model, PriorNetGuide(model.prior), conditional=True)
+
+
+@register("cvae-hybrid", "alpha * CVAE + (1 - alpha) * GSNN objective (Sohn et al. section 4.2)", True)
+def cvae_hybrid(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    model, guide = _cvae(data, cfg, likelihood, ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim))
+    return HybridPair(model, guide, conditional=True, alpha=cfg.hybrid_alpha, prior_guide=PriorNetGuide(model.prior))

@@ -1,0 +1,164 @@
+"""One SVI loop for every pair: ``fit(pair, data, config)``.
+
+The pair's objective (``ELBO(...)(model, guide)``, an ``nn.Module``) is minimized with Adam over its own
+parameters -- never Pyro's global param store, so two variants in one process never share parameters
+(pyro-ppl/pyro#1488, #3209). Each minibatch runs inside ``models.plate.subsample``, so the loss is an
+unbiased estimate of the full-data negative ELBO; it is divided by N once, and every number reported is
+per data point.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from experiments.config import SVIConfig
+from experiments.data import Dataset, Split
+from experiments.objectives import kl_weight, make_elbo
+from experiments.registry import Pair
+from models.plate import subsample
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame  # one row per epoch
+    best_epoch: int
+    best_elbo: float  # the monitored ELBO per point at best_epoch
+    monitor: str  # "val_elbo", or "train_elbo" for a non-amortized guide (no parameters for val points)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "shuffle": generator.get_state()}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["shuffle"])
+
+
+@torch.no_grad()
+def mean_elbo(objective: nn.Module, split: Split, batch_size: int = 1024) -> float:
+    """The objective's ELBO estimate per data point on a whole split (one draw per point)."""
+    was_training = objective.training
+    objective.eval()
+    total = 0.0
+    try:
+        for start in range(0, len(split), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(split)), device=split.x.device)
+            with subsample(index, len(split)):
+                total -= objective(*split.tensors(index)).item() * len(index) / len(split)
+    finally:
+        objective.train(was_training)
+    return total / len(split)
+
+
+def _beta(config: SVIConfig, epoch: int) -> float:
+    return 1.0 if config.warmup_epochs <= 0 else min(1.0, (epoch + 1) / config.warmup_epochs)
+
+
+def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoint: str | Path | None = None,
+        resume: bool = False, name: str = "", progress: bool | None = None) -> FitResult:
+    """Train ``pair`` on ``data.train`` and restore the state with the best monitored ELBO.
+
+    :param checkpoint: file to write after every epoch (everything needed to resume: nets, optimizer,
+        epoch, early-stopping state, RNG states, history); with ``resume=True`` training continues from it.
+    :param progress: show a tqdm bar; by default only when stderr is a terminal.
+    :raises NonFiniteLossError: on a NaN/inf loss; the checkpoint of the last good epoch is kept.
+    """
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("svi.device = \"cuda\" but torch sees no CUDA device; use device = \"cpu\"")
+    pyro.set_rng_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)
+    train = data.train.to(device)
+    val = data.val.to(device)
+    n = len(train)
+    objective = pair.objective(make_elbo(config.objective, config.num_particles)).to(device)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr)
+    monitor = "val_elbo" if getattr(pair.guide, "amortized", True) else "train_elbo"
+    state = {"epoch": 0, "best_elbo": -math.inf, "best_epoch": -1, "wait": 0, "best_state": None, "history": []}
+    checkpoint = Path(checkpoint) if checkpoint else None
+    if resume:
+        if checkpoint is None or not checkpoint.is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        objective.load_state_dict(saved["objective"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng"], shuffle)
+        state = saved["state"]
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(state["epoch"], config.epochs), desc=name or "fit", disable=not show, leave=False)
+    for epoch in bar:
+        start, beta, train_total = time.perf_counter(), _beta(config, epoch), 0.0
+        objective.train()
+        for index in torch.randperm(n, generator=shuffle).to(device).split(config.batch_size):
+            batch = train.tensors(index)
+            if data.dynamic_binarization:
+                batch = tuple(torch.bernoulli(t) for t in batch)
+            with subsample(index, n), kl_weight(beta):
+                loss = objective(*batch) / n
+            if not torch.isfinite(loss):
+                where = f"; the last good state is in {checkpoint}" if checkpoint and checkpoint.exists() else ""
+                raise NonFiniteLossError(
+                    f"{name or 'training'}: non-finite loss ({loss.item()}) in epoch {epoch + 1}{where}. "
+                    "Lower svi.lr, raise svi.warmup_epochs or check the data for extreme values.")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_norm)
+            optimizer.step()
+            train_total -= loss.item() * len(index)
+        val_elbo = mean_elbo(objective, val) if monitor == "val_elbo" else math.nan
+        row = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_total / n, "val_elbo": val_elbo,
+               "seconds": time.perf_counter() - start}
+        state["history"].append(row)
+        bar.set_postfix(loss=f"{-row['train_elbo']:.2f}", val=f"{val_elbo:.2f}")
+        current = row[monitor]
+        if current > state["best_elbo"]:
+            state.update(best_elbo=current, best_epoch=epoch + 1, wait=0,
+                         best_state=copy.deepcopy(objective.state_dict()))
+        elif beta == 1.0:  # patience counts only once the KL warm-up is over
+            state["wait"] += 1
+        state["epoch"] = epoch + 1
+        if checkpoint is not None:
+            save_atomic({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": _rng_state(shuffle), "state": state}, checkpoint)
+        if state["wait"] >= config.patience:
+            break
+    bar.close()
+    if state["best_state"] is not None:
+        objective.load_state_dict(state["best_state"])
+    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_elbo"], monitor)

@@ -1,0 +1,1 @@
+"""Generative side of every pair: priors, decoders, likelihoods and the models that combine them."""
