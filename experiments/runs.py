@@ -1,0 +1,92 @@
+"""A run directory: what ``vae-priors run`` writes and what ``vae-priors diagnose`` reads back.
+
+    RUN_DIR/config.toml            the resolved config (every default filled in)
+    RUN_DIR/history.csv            one row per variant and epoch
+    RUN_DIR/metrics.csv            one row per variant: fit summary and held-out log-likelihood
+    RUN_DIR/checkpoints/NAME.pt    resumable training state (last epoch)
+    RUN_DIR/pairs/NAME.pt          the trained pair (best epoch): {"model": state_dict, "guide": state_dict}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+
+from experiments import config as configs
+from experiments.config import DataConfig, RunConfig
+from experiments.data import Dataset, binarize, load_digits, quadrant_task, validate
+from experiments.registry import Pair, get_variant
+from experiments.svi import save_atomic
+
+
+@dataclass
+class RunData:
+    """The data of a run: the unconditional set and its quadrant-completion version for conditional pairs."""
+
+    plain: Dataset
+    quadrants: Dataset | None
+
+    def for_variant(self, conditional: bool) -> Dataset:
+        if not conditional:
+            return self.plain
+        if self.quadrants is None:
+            raise ValueError(f"{self.plain.name} has no image shape, so conditional (quadrant) variants cannot run on it")
+        return self.quadrants
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The data set named in ``cfg`` (before binarization)."""
+    if cfg.name == "digits":
+        return load_digits()
+    from experiments import data_files  # file formats: only imported when a path-based data set is asked for
+
+    return data_files.load_named(cfg)
+
+
+def load_run_data(cfg: DataConfig) -> RunData:
+    """Load, binarize, cut to ``max_train`` and validate the data of a run."""
+    data = binarize(load_dataset(cfg), cfg.binarize)
+    if cfg.max_train:
+        from dataclasses import replace
+
+        data = replace(data, train=data.train.__class__(*(None if t is None else t[: cfg.max_train] for t in (
+            data.train.x, data.train.y, data.train.labels))))
+    validate(data, cfg.likelihood)
+    quadrants = quadrant_task(data, cfg.quadrants) if data.image_shape is not None else None
+    return RunData(data, quadrants)
+
+
+def build_pair(config: RunConfig, data: RunData, variant: str, seed: int | None = None) -> tuple[Pair, Dataset]:
+    """The untrained pair for ``variant``, initialized from ``seed`` (default: the run's seed)."""
+    spec = get_variant(variant)
+    dataset = data.for_variant(spec.conditional)
+    pyro.set_rng_seed(config.seed if seed is None else seed)
+    return spec.factory(dataset, config.model, config.data.likelihood), dataset
+
+
+def save_pair(pair: Pair, path: Path) -> None:
+    save_atomic({"model": pair.model.state_dict(), "guide": pair.guide.state_dict()}, path)
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, RunData]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml); pass a directory `vae-priors run` wrote")
+    config = configs.load(run_dir / "config.toml")
+    return config, load_run_data(config.data)
+
+
+def load_pair(run_dir: str | Path, variant: str, config: RunConfig, data: RunData) -> tuple[Pair, Dataset]:
+    """The trained pair ``variant`` of a run, on the CPU, in eval mode, with its data set."""
+    path = Path(run_dir) / "pairs" / f"{variant}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: variant {variant!r} was not trained in this run")
+    pair, dataset = build_pair(config, data, variant)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    pair.model.load_state_dict(state["model"])
+    pair.guide.load_state_dict(state["guide"])
+    pair.model.eval(), pair.guide.eval()
+    return pair, dataset
