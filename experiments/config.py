@@ -35,6 +35,14 @@ class ModelConfig:
     latent_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     hybrid_alpha: float = 0.5  # cvae-hybrid: alpha * CVAE + (1 - alpha) * GSNN
+    num_pseudo_inputs: int = 500  # vae-vamp: K pseudo-inputs
+    learn_mixture_weights: bool = False  # vae-vamp: learned mixture logits instead of uniform weights
+    exemplar_variance: str = "encoder"  # vae-exemplar: encoder (aggregated posterior) | shared (one learned s)
+    exemplar_path: str = "auto"  # vae-exemplar: exact | scalable | auto (scalable above exemplar_exact_max points)
+    exemplar_exact_max: int = 5000
+    exemplar_neighbors: int = 10  # scalable path: k nearest exemplars kept exactly per point
+    exemplar_subset: int = 1024  # scalable path: random exemplars per step standing for the rest
+    exemplar_refresh_points: int = 0  # scalable path: re-encode the cache after this many points (0 = per epoch)
 
 
 @dataclass

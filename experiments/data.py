@@ -80,7 +80,8 @@ def validate(data: Dataset, likelihood: str) -> Dataset:
             if t.ndim != 2:
                 raise ValueError(f"{label} has shape {tuple(t.shape)}; expected (num_points, num_features)")
             if t.shape[0] == 0:
-                raise ValueError(f"{label} is empty; every split needs at least one point (check the files or the split sizes)")
+                raise ValueError(f"{label} is empty; every split needs at least one point "
+                                 "(check the files or the split sizes)")
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).any(dim=1).sum())
                 raise ValueError(f"{label} has NaN or inf values in {bad} rows; clean or drop those rows first")
@@ -91,8 +92,15 @@ def validate(data: Dataset, likelihood: str) -> Dataset:
     return data
 
 
+def _check_probabilities(x: torch.Tensor) -> None:
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):  # written so that NaN fails too
+        raise ValueError(f"binarization draws Bernoulli(x) and needs x in [0, 1], but x has values in "
+                         f"[{x.min().item():.4g}, {x.max().item():.4g}]; set data.binarize = \"none\" for such data")
+
+
 def binarize_static(x: torch.Tensor, seed: int = DATA_SEED) -> torch.Tensor:
     """One fixed draw x_bin ~ Bernoulli(x) (Larochelle & Murray's static binarization of grey pixels)."""
+    _check_probabilities(x)
     generator = torch.Generator().manual_seed(seed)
     return torch.bernoulli(x, generator=generator)
 
@@ -129,6 +137,8 @@ def binarize(data: Dataset, mode: str) -> Dataset:
     if mode == "none":
         return data
     b = lambda s, k: replace(s, x=binarize_static(s.x, DATA_SEED + k))  # noqa: E731
+    if mode == "dynamic":  # fit() redraws the training batches, so check them now rather than mid-training
+        _check_probabilities(data.train.x)
     train = data.train if mode == "dynamic" else b(data.train, 0)
     return replace(data, train=train, val=b(data.val, 1), test=b(data.test, 2), dynamic_binarization=mode == "dynamic")
 

@@ -21,6 +21,8 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
+from models.plate import subsample
+
 DEFAULT_MAX_ELEMENTS = 2**24  # 64 MB of float32 per site and chunk
 
 
@@ -74,13 +76,15 @@ def log_weights(model: nn.Module, guide: nn.Module, args: tuple[torch.Tensor, ..
     """
     width = max(max(a.shape[-1] for a in args), 1)
     step = chunk_size(num_particles, width, max_elements)
-    parts, zs = [], []
+    parts, zs, n = [], [], args[0].shape[0]
     was_training = model.training, guide.training
     model.eval(), guide.eval()
     try:
-        for start in range(0, args[0].shape[0], step):
-            chunk = tuple(a[start : start + step] for a in args)
-            *lp, z = _site_log_probs(model, guide, chunk, num_particles)
+        for start in range(0, n, step):
+            index = torch.arange(start, min(start + step, n), device=args[0].device)
+            chunk = tuple(a[index] for a in args)
+            with subsample(index, n):  # a per-point guide must read the parameters of these points, not of 0..chunk
+                *lp, z = _site_log_probs(model, guide, chunk, num_particles)
             parts.append(lp)
             if return_z:
                 zs.append(z.reshape(num_particles, chunk[0].shape[0], -1))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from pyro.infer import ELBO
 from torch import nn
 
@@ -28,6 +29,7 @@ from guides.local_normal import LocalNormalGuide
 from models.cvae import ConditionalVAE
 from models.decoders import ConditionalMLPDecoder, MLPDecoder
 from models.likelihoods import make_likelihood
+from models.mixture_priors import ExemplarPrior, VampPrior
 from models.priors import ConditionalNormalPrior, StandardNormalPrior
 from models.vae import VAE
 
@@ -124,6 +126,31 @@ def vae_constant_guide(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair
 def vae_local_guide(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
     guide = LocalNormalGuide(len(data.train), cfg.latent_dim)
     return _vae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim), guide)
+
+
+@register("vae-vamp", "VampPrior: p(z) = 1/K sum_k q(z|u_k) over K learned pseudo-inputs (Tomczak & Welling 2018)")
+def vae_vamp(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    n = len(data.train)
+    if not 1 <= cfg.num_pseudo_inputs <= n:
+        raise ValueError(f"model.num_pseudo_inputs = {cfg.num_pseudo_inputs} must be in [1, {n}] (they start at "
+                         "distinct training points); lower it or use more training data")
+    init = data.train.x[torch.randperm(n)[: cfg.num_pseudo_inputs]]
+    prior = VampPrior(guide, init, bounded=likelihood == "bernoulli", learn_weights=cfg.learn_mixture_weights)
+    return _vae(data, cfg, likelihood, prior, guide)
+
+
+@register("vae-exemplar", "exemplar prior: 1/(N-1) sum_{m != n} r(z|x_m) over training points (Norouzi et al. 2020)")
+def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
+    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    if cfg.exemplar_path not in ("auto", "exact", "scalable"):
+        raise ValueError(f"model.exemplar_path = {cfg.exemplar_path!r} is unknown; choose auto, exact or scalable")
+    path = cfg.exemplar_path
+    if path == "auto":
+        path = "exact" if len(data.train) <= cfg.exemplar_exact_max else "scalable"
+    prior = ExemplarPrior(guide, data.train.x, cfg.exemplar_variance, path, cfg.exemplar_neighbors,
+                          cfg.exemplar_subset, cfg.exemplar_refresh_points)
+    return _vae(data, cfg, likelihood, prior, guide)
 
 
 def _cvae(data: Dataset, cfg: ModelConfig, likelihood: str, prior: nn.Module) -> tuple[ConditionalVAE, nn.Module]:

@@ -1,0 +1,63 @@
+"""The amortization gap (Cremer, Li & Duvenaud 2018, "Inference suboptimality in variational autoencoders").
+
+For a fixed decoder, the gap on a set of points is
+
+    gap = 1/N sum_n [ ELBO(x_n; q*_n) - ELBO(x_n; q(z|x_n)) ],
+
+where q(z|x_n) is the encoder's Gaussian and q*_n the best Gaussian for x_n alone, approximated by a per-point
+guide (``guides.local_normal.LocalNormalGuide``) fitted with the model frozen, started at the encoder's output so
+that the optimization starts from the amortized solution. Both ELBOs are estimated on the same points with the
+same number of draws. What is compared is inference only: one decoder, two ways of choosing q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+
+from experiments.aggregate import posterior_components
+from experiments.data import Split
+from experiments.log_weights import log_weights
+from experiments.registry import Pair
+from guides.local_normal import LocalNormalGuide
+
+
+def fit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed: int = 0) -> LocalNormalGuide:
+    """A per-point diagonal Gaussian for each point of ``split``, initialized at the pair's q(z|x_n) and fitted
+    by maximizing the ELBO with the model's parameters frozen."""
+    q = posterior_components(pair.guide, split.tensors())
+    if not hasattr(q, "base_dist") or not isinstance(q.base_dist, torch.distributions.Normal):
+        raise ValueError(f"the amortization gap needs a diagonal-Gaussian guide; this one gives {type(q).__name__}")
+    local = LocalNormalGuide(len(split), q.event_shape[-1])
+    with torch.no_grad():
+        local.loc.copy_(q.base_dist.loc)
+        local.raw_scale.copy_((q.base_dist.scale - 1e-3).clamp_min(1e-6).expm1().log())  # inverse of softplus + 1e-3
+    frozen = [p for p in pair.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        pyro.set_rng_seed(seed)
+        loss_fn = Trace_ELBO()(pair.model, local)
+        optimizer = torch.optim.Adam(local.parameters(), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (loss_fn(*split.tensors()) / len(split)).backward()
+            optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return local
+
+
+def amortization_gap(pair: Pair, split: Split, steps: int, num_particles: int = 1000,
+                     seed: int = 0) -> tuple[float, float]:
+    """(mean gap, its standard error over points) in nats per point: local ELBO - amortized ELBO, same decoder."""
+    local = fit_local_guide(pair, split, steps, seed=seed)
+    pyro.set_rng_seed(seed)
+    amortized = log_weights(pair.model, pair.guide, split.tensors(), num_particles).log_w.double().mean(0)
+    fitted = log_weights(pair.model, local, split.tensors(), num_particles).log_w.double().mean(0)
+    gap = fitted - amortized
+    return float(gap.mean()), float(gap.std() / math.sqrt(gap.numel())) if gap.numel() > 1 else math.nan

@@ -1,0 +1,159 @@
+"""Every ArviZ call of the project, so that the move to ArviZ 1.x touches this one file.
+
+Facts checked on this machine: shared/notes/arviz-0.23.md.
+
+
+* ``psis``: Pareto-smoothed importance sampling per data point (Yao et al. 2018), samples on the LAST axis, float64.
+* ``to_inference_data`` / ``write_netcdf``: VI draws as InferenceData (``az.from_dict``; ``az.from_pyro`` takes MCMC
+  only), with the aggregated draws (q_agg vs p(z)) in their own groups.
+* ``elpd_data`` / ``compare`` / ``plot_compare`` / ``plot_khat``: model comparison on the PSIS-smoothed importance-
+  sampled log p(x_n). Never ``az.loo`` on draws from q: that is a harmonic-mean-type estimate which ranks a
+  too-narrow guide best. What is compared is a held-out marginal log-likelihood, not leave-one-out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+import arviz as az  # noqa: E402
+
+ELPD_SCALE = "log"
+FLAT_SPREAD = 1e-4  # nats
+
+
+def khat_threshold(num_samples: int) -> float:
+    """Good-k threshold of Vehtari et al. (2024): min(1 - 1 / log10 S, 0.7)."""
+    return min(1.0 - 1.0 / np.log10(num_samples), 0.7)
+
+
+def psis(log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(smoothed log weights (N, S), k-hat (N,)) for log weights ``log_w`` of shape (N, S): points x samples.
+
+    Weights are cast to float64 (float32 heavy tails change k-hat) and not normalised, so
+    ``logsumexp(smoothed, -1) - log S`` is the PSIS estimate of log p(x_n).
+    """
+    log_w = np.asarray(log_w, dtype=np.float64)
+    if log_w.ndim != 2:
+        raise ValueError(f"log_w must be (num_points, num_samples), got shape {log_w.shape}")
+    if log_w.shape[1] < 10:
+        raise ValueError(f"log_w has {log_w.shape[1]} samples per point on its last axis; PSIS needs many (e.g. 1000) "
+                         "-- did you pass (num_samples, num_points)? transpose it")
+    smoothed, khat = az.psislw(log_w, reff=1.0, normalize=False)
+    smoothed, khat = np.array(smoothed), np.array(khat)
+    # Weights equal to float precision (an exact proposal) have no tail, but psislw fits rounding noise and can
+    # report k = inf. A spread below FLAT_SPREAD nats bounds every weight ratio by 1.0001: report k = -inf.
+    flat = np.ptp(log_w, axis=1) < FLAT_SPREAD
+    smoothed[flat], khat[flat] = log_w[flat], -np.inf
+    return smoothed, khat
+
+
+def _chain(a) -> np.ndarray:
+    """Add the leading chain axis of length 1 that ArviZ expects for draws."""
+    return np.asarray(a)[None, ...]
+
+
+def to_inference_data(z_posterior: np.ndarray, z_prior: np.ndarray, log_lik: np.ndarray, log_w: np.ndarray,
+                      log_q: np.ndarray, log_p_z: np.ndarray, observed: np.ndarray, obs_index: np.ndarray,
+                      q_agg_draws: np.ndarray | None = None, prior_agg_draws: np.ndarray | None = None,
+                      observed_name: str = "x") -> az.InferenceData:
+    """InferenceData for a subset of n points with S draws each.
+
+    :param z_posterior: (S, n, D) draws z ~ q(z|x_n); ``z_prior`` (S, n, D) draws from the model's "z" site.
+    :param log_lik: (S, n) log p(x_n|z_s) (or log p(y_n|x_n,z_s)); ``log_w``, ``log_q``, ``log_p_z`` (S, n).
+    :param observed: (n, width) the observed values; ``obs_index`` (n,) their positions in the split.
+    :param q_agg_draws: (M, D) draws from q_agg, ``prior_agg_draws`` (M, D) from p(z): groups
+        ``aggregated_posterior`` and ``aggregated_prior`` (dims draw, latent).
+    """
+    s, n, d = np.shape(z_posterior)
+    obs, latent = np.asarray(obs_index), np.arange(d)
+    coords = {"obs": obs, "latent": latent}
+    dims = {"z": ["obs", "latent"], observed_name: ["obs"], "log_w": ["obs"], "log_q": ["obs"], "log_p_z": ["obs"]}
+    idata = az.from_dict(
+        posterior={"z": _chain(z_posterior)},
+        log_likelihood={observed_name: _chain(log_lik)},
+        sample_stats={"log_w": _chain(log_w), "log_q": _chain(log_q), "log_p_z": _chain(log_p_z)},
+        coords=coords, dims=dims)
+    draws = {"chain": [0], "draw": np.arange(s)}
+    observed_coords = {"obs": obs, "feature": np.arange(np.shape(observed)[1])}
+    extra = {"observed_data": xr.Dataset({observed_name: (("obs", "feature"), np.asarray(observed))},
+                                         coords=observed_coords),
+             "prior": xr.Dataset({"z": (("chain", "draw", "obs", "latent"), _chain(z_prior))}, coords=coords | draws)}
+    for group, agg in (("aggregated_posterior", q_agg_draws), ("aggregated_prior", prior_agg_draws)):
+        if agg is not None:
+            extra[group] = xr.Dataset({"z": (("chain", "draw", "latent"), _chain(agg))},
+                                      coords={"chain": [0], "draw": np.arange(len(agg)), "latent": np.arange(d)})
+    idata.add_groups(extra)
+    return idata
+
+
+def write_netcdf(idata: az.InferenceData, path: str | Path) -> Path:
+    """Write ``idata`` to ``path`` through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nc")
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_netcdf(path: str | Path) -> az.InferenceData:
+    return az.from_netcdf(path)
+
+
+def elpd_data(log_lik_psis: np.ndarray, khat: np.ndarray, num_samples: int = 1000) -> az.ELPDData:
+    """An ``ELPDData`` from the PSIS-smoothed importance-sampled log p(x_n) of held-out points and their k-hat.
+
+    elpd = sum_n log p(x_n), se = sqrt(N Var_n log p(x_n)), as ``az.loo`` would compute from ``loo_i``; the label
+    "elpd_loo" is what ``az.compare`` expects, but the number is a held-out marginal log-likelihood.
+    """
+    values = np.asarray(log_lik_psis, dtype=np.float64)
+    khat = np.asarray(khat, dtype=np.float64)
+    if values.ndim != 1 or values.shape != khat.shape:
+        raise ValueError(f"log_lik_psis and khat must be (N,) arrays of one shape, got {values.shape}, {khat.shape}")
+    n = values.shape[0]
+    good_k = khat_threshold(num_samples)
+    return az.ELPDData(
+        data=[values.sum(), float(np.sqrt(n * np.var(values))), 0.0, num_samples, n, bool((khat > good_k).any()),
+              xr.DataArray(values, dims=["obs"], name="loo_i"), xr.DataArray(khat, dims=["obs"], name="pareto_k"),
+              ELPD_SCALE, good_k],
+        index=["elpd_loo", "se", "p_loo", "n_samples", "n_data_points", "warning", "loo_i", "pareto_k", "scale",
+               "good_k"])
+
+
+def compare(elpds: dict[str, az.ELPDData]) -> pd.DataFrame:
+    """``az.compare`` of several variants' ``elpd_data`` (ranked, with differences and their standard errors)."""
+    if len(elpds) < 2:
+        raise ValueError(f"compare needs at least two variants, got {list(elpds)}")
+    sizes = {name: int(e["n_data_points"]) for name, e in elpds.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"variants were evaluated on different numbers of points {sizes}; use the same test split")
+    with warnings.catch_warnings():  # arviz 0.23 calls sort_values(inplace=True), deprecated in pandas 3.1
+        warnings.filterwarnings("ignore", message=r".*inplace keyword", category=Warning)
+        return az.compare(elpds, ic="loo", scale=ELPD_SCALE)
+
+
+def plot_compare(comparison: pd.DataFrame, ax):
+    """``az.plot_compare`` on ``ax``, titled as what it is."""
+    ax = az.plot_compare(comparison, ax=ax, insample_dev=False)
+    ax.set_title("held-out log p(x), PSIS-smoothed importance sampling (higher is better)")
+    return ax
+
+
+def plot_khat(elpd: az.ELPDData, ax):
+    """``az.plot_khat`` of one variant's per-point Pareto k-hat on ``ax``, with the good-k line."""
+    ax = az.plot_khat(elpd, ax=ax, show_hlines=True)
+    ax.axhline(float(elpd["good_k"]), color="C3", linestyle="--", linewidth=1)
+    return ax

@@ -1,0 +1,251 @@
+"""``diagnose_run(RUN_DIR)``: every diagnostic of every trained variant of a run, written next to the run.
+
+    RUN_DIR/diagnostics.csv           one row per variant (columns explained in experiments.report.COLUMN_HELP)
+    RUN_DIR/diagnostics/NAME.nc       InferenceData per variant (draws for a subset of test points, q_agg vs p(z))
+    RUN_DIR/diagnostics/*.png         plots per variant and the comparison plots
+    RUN_DIR/report.html               all of it on one self-contained page
+
+Per-point numbers (log p(x), PSIS k-hat, ELBO, KL) are on the test split; the aggregated posterior is over the
+training encodings (q_agg is the code the decoder was trained on). Outputs are built in a hidden temporary
+directory and moved into place at the end, so a failure leaves the previous outputs (or none) untouched, and
+existing outputs are only replaced with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from experiments import arviz_adapter, plots, report
+from experiments.aggregate import aggregate_diagnostics, posterior_components, prior_components, sample_q_agg
+from experiments.amortization import amortization_gap
+from experiments.config import RunConfig
+from experiments.data import Dataset, quadrant_masks
+from experiments.files import write_csv, write_text
+from experiments.generation import generate, latent_samplers, predict, reconstruct
+from experiments.point_diagnostics import inference_arrays, point_diagnostics
+from experiments.registry import Pair, get_variant
+from experiments.runs import RunData, load_pair, load_run
+from experiments.sample_quality import load_or_train_classifier, score_samples
+
+OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
+NUM_GENERATED = 1000  # decoded samples per source for the sample scores
+AGG_DRAWS = 10_000  # Monte Carlo draws from q_agg and from p(z) for the aggregate KLs
+PLOT_DRAWS = 2000  # q_agg and p(z) draws shown in the plots and stored in the NetCDF file
+NC_POINTS = 16  # test points whose S draws go into the NetCDF file (all S draws of all points would be S x N x D)
+GRID = 12  # images per row in the sample and reconstruction grids
+GAP_PAIR = ("vae", "vae-local-guide")  # the amortization gap is reported where a run has both
+
+COLUMNS = ["log_lik", "elbo", "mean_kl", "mutual_info", "log_n", "kl_qagg_p", "kl_p_qagg", "prior_hole_share",
+           "active_units", "khat_above", "amortization_gap", "fd_prior", "fd_q_agg", "fd_gmm", "coverage_prior",
+           "max_prob_prior"]
+
+
+def check_outputs(run_dir: Path, overwrite: bool) -> list[Path]:
+    """The diagnostics outputs already in ``run_dir``; an error if there are any and ``overwrite`` is False."""
+    existing = [run_dir / name for name in OUTPUTS if (run_dir / name).exists()]
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing)
+        raise FileExistsError(f"{run_dir} already has diagnostics ({names}); nothing was changed. Pass "
+                              "overwrite=True (`vae-priors diagnose RUN_DIR --overwrite`) to replace them, or copy "
+                              "them elsewhere first")
+    return existing
+
+
+def _variants(run_dir: Path, config: RunConfig, requested: list[str] | None) -> list[str]:
+    if requested:
+        return list(requested)  # load_pair names a missing one
+    trained = [p.stem for p in sorted((run_dir / "pairs").glob("*.pt"))]
+    order = config.variants or trained
+    names = [v for v in order if v in trained]
+    if not names:
+        raise FileNotFoundError(f"{run_dir / 'pairs'} holds no trained pair; run `vae-priors run` first")
+    return names
+
+
+def _image_rows(dataset: Dataset, data: RunData, config: RunConfig, rows: dict[str, torch.Tensor],
+                x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Flattened full images: for a conditional pair each y is put back next to its visible quadrants x."""
+    if not dataset.conditional:
+        return rows
+    mask = quadrant_masks(data.plain.image_shape, config.data.quadrants)
+    out = {}
+    for label, y in rows.items():
+        full = torch.zeros(y.shape[0], mask.numel())
+        full[:, mask], full[:, ~mask] = x[: y.shape[0]], y
+        out[label] = full
+    return out
+
+
+def _generation(pair, dataset: Dataset, work: Path, name: str, classifier, seed: int, row: dict,
+                q_train) -> list[report.Plot]:
+    samplers = latent_samplers(pair.model, q_train, dataset.x_dim, seed)
+    decoded = generate(pair.model, samplers, dataset.x_dim, NUM_GENERATED, seed)
+    if classifier is not None:
+        for source, out in decoded.items():
+            scores = score_samples(classifier, out.draw, dataset.test.x)
+            row |= {f"fd_{source}": scores.frechet, f"max_prob_{source}": scores.max_prob,
+                    f"coverage_{source}": scores.coverage}
+    if dataset.image_shape is None:
+        return []
+    rows = {f"{s}": d.mean for s, d in decoded.items()}
+    caption = "; ".join(f"{s}: {sampler.description}" for s, sampler in samplers.items())
+    return [report.Plot("Samples from each source (decoder means)", plots.image_rows(
+        rows, dataset.image_shape, work / f"{name}-samples.png", GRID), caption)]
+
+
+def _reconstructions(pair, guide, dataset: Dataset, data: RunData, config: RunConfig, work: Path, name: str,
+                     seed: int) -> list[report.Plot]:
+    shape = data.plain.image_shape
+    if shape is None:
+        return []
+    args = tuple(t[:GRID] for t in dataset.test.tensors())
+    rows = {"data": dataset.test.y[:GRID] if dataset.conditional else args[0],
+            "reconstruction": reconstruct(pair.model, guide, args)}
+    caption = "decoder mean at the mean of q(z|.)"
+    if dataset.conditional:
+        predictions = predict(pair.model, args[0], 3, seed)
+        rows |= {f"prediction {k + 1}": y for k, y in enumerate(predictions)}
+        caption = ("top: test images; reconstruction: z = mean of q(z|x,y), which sees the hidden quadrants; "
+                   "predictions: three draws z ~ p(z|x) from the visible quadrant(s) only (decoder means)")
+    rows = _image_rows(dataset, data, config, rows, args[0])
+    return [report.Plot("Reconstructions" + (" and predictions" if dataset.conditional else ""),
+                        plots.image_rows(rows, shape, work / f"{name}-reconstructions.png", GRID), caption)]
+
+
+def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData, num_particles: int, work: Path,
+                          classifier) -> tuple[dict, report.VariantSection, object, Pair]:
+    """One variant: its CSV row, its report section, its ``ELPDData`` and the loaded pair."""
+    seed = config.seed
+    pair, dataset = load_pair(run_dir, name, config, data)
+    for parameter in [*pair.model.parameters(), *pair.guide.parameters()]:
+        parameter.requires_grad_(False)  # diagnostics read the trained pair; only refitted local guides train
+    spec = get_variant(name)
+    points = point_diagnostics(pair, dataset.test, num_particles=num_particles, seed=seed,
+                               local_refit_steps=config.eval.local_refit_steps)
+    agg = aggregate_diagnostics(pair, dataset.train, num_samples=AGG_DRAWS, seed=seed)
+    threshold = arviz_adapter.khat_threshold(num_particles)
+    row = {"variant": name, "conditional": spec.conditional, "target": "log p(y|x)" if spec.conditional else "log p(x)",
+           "log_lik": points.log_lik_psis.mean(), "log_lik_se": _se(points.log_lik_psis),
+           "log_lik_is": points.log_lik_is.mean(), "elbo": points.elbo.mean(), "elbo_se": _se(points.elbo),
+           **{k: v for k, v in agg.summary().items() if k not in ("num_points", "num_samples")},
+           "latent_dim": len(agg.unit_activity), "khat_above": float((points.khat > threshold).mean()),
+           "khat_threshold": threshold, "num_particles": num_particles, "note": points.note}
+    args = dataset.train.tensors()
+    q_train = posterior_components(pair.guide, args)
+    z_q = sample_q_agg(q_train, PLOT_DRAWS, seed)
+    z_p = sample_q_agg(prior_components(pair.model, pair.guide, args), PLOT_DRAWS, seed + 1)
+    prior_label = "p(z)" if agg.shared_prior else "p_agg(z) = 1/N sum_n p(z|x_n)"
+    figures = [
+        report.Plot("Marginals", plots.marginals(z_q, z_p, work / f"{name}-marginals.png"),
+                    f"each latent dimension: q_agg(z) over the {len(dataset.train)} training encodings vs "
+                    f"{prior_label}"),
+        report.Plot("2-D view", plots.latent_2d(z_q, z_p, work / f"{name}-latent2d.png"),
+                    f"{PLOT_DRAWS} draws each from q_agg and {prior_label}"),
+        report.Plot("Pareto k-hat", plots.khat(points.khat, threshold, work / f"{name}-khat.png"),
+                    f"per test point, {num_particles} importance draws from q; above the line the estimate is "
+                    "unreliable"),
+    ]
+    if agg.kl_per_dim is not None:
+        figures.append(report.Plot("KL per dimension", plots.kl_per_dim(
+            agg.kl_per_dim, work / f"{name}-kl-per-dim.png", agg.unit_activity > 0.01),
+            "mean over training points of KL(q(z_d|x) || p(z_d))"))
+    if not spec.conditional:
+        figures += _generation(pair, dataset, work, name, classifier, seed, row, q_train)
+    figures += _reconstructions(pair, points.guide, dataset, data, config, work, name, seed)
+    subset = torch.arange(min(NC_POINTS, len(dataset.test)))
+    arrays = inference_arrays(pair, dataset.test, subset, num_particles, points.guide, seed)
+    idata = arviz_adapter.to_inference_data(**arrays, q_agg_draws=z_q.numpy(), prior_agg_draws=z_p.numpy())
+    arviz_adapter.write_netcdf(idata, work / f"{name}.nc")
+    notes = [points.note] if points.note else []
+    if agg.collapsed_dims:
+        notes.append(f"collapsed dimensions (mean KL < 0.01 nats): {agg.collapsed_dims}")
+    section = report.VariantSection(name, spec.description, figures, notes)
+    return row, section, arviz_adapter.elpd_data(points.log_lik_psis, points.khat, num_particles), pair
+
+
+def _se(values) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+def _intro(run_dir: Path, config: RunConfig, data: RunData, num_particles: int, classifier, note: str) -> list[str]:
+    test = data.plain.test
+    lines = [f"Run {run_dir.name}: data {data.plain.name} ({len(data.plain.train)} training / {len(test)} test points, "
+             f"binarization {config.data.binarize}, {config.data.likelihood} likelihood), latent_dim "
+             f"{config.model.latent_dim}, seed {config.seed}. Per-point numbers are means over the test split with "
+             f"{num_particles} importance draws per point; the aggregated posterior q_agg is over the training "
+             f"encodings ({AGG_DRAWS} Monte Carlo draws for its KLs).",
+             "Conditional variants (target log p(y|x)) model the hidden quadrants given the visible one(s): their "
+             "likelihoods are not comparable with log p(x), their aggregate 'p' is p_agg(z) = 1/N sum_n p(z|x_n), "
+             "and instead of unconditional samples they show predictions next to the truth."]
+    if classifier is None:
+        return [*lines, f"Sample scores: none ({note})."]
+    reference = score_samples(classifier, data.plain.train.x[:NUM_GENERATED], test.x)
+    return [*lines, f"Sample scores use {NUM_GENERATED} draws x ~ p(x|z) per source and a classifier trained on the "
+            f"training split ({note}). Reference: {min(NUM_GENERATED, len(data.plain.train))} training images score "
+            f"FD {reference.frechet:.3g}, max prob {reference.max_prob:.3g}, coverage {reference.coverage:.3g} "
+            "against the test split."]
+
+
+def _publish(work: Path, target: Path) -> None:
+    """Move the finished ``work`` directory to ``target``, replacing an old one with two renames."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{work.name}")
+        target.rename(old)
+    work.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants: list[str] | None = None,
+                 progress: bool = False, overwrite: bool = False) -> pd.DataFrame:
+    """Diagnose the trained variants of ``run_dir`` (default: all) and write the outputs listed in the module doc.
+
+    :param num_particles: importance draws per test point (default: the run's ``eval.num_particles``).
+    :raises FileExistsError: if diagnostics outputs exist and ``overwrite`` is False (nothing is changed).
+    """
+    run_dir = Path(run_dir)
+    config, data = load_run(run_dir)
+    check_outputs(run_dir, overwrite)
+    names = _variants(run_dir, config, variants)
+    num_particles = num_particles or config.eval.num_particles
+    cache = run_dir.parent / ".vae-priors-cache"
+    work = Path(tempfile.mkdtemp(dir=run_dir, prefix=".diagnostics-"))
+    try:
+        classifier, classifier_note = load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
+        rows, sections, elpds, pairs = [], [], {}, {}
+        for name in tqdm(names, desc="diagnostics", disable=not progress):
+            row, section, elpd, pairs[name] = diagnose_variant(run_dir, name, config, data, num_particles, work,
+                                                               classifier)
+            rows.append(row), sections.append(section)
+            elpds.setdefault(row["target"], {})[name] = elpd
+        table = pd.DataFrame(rows)
+        if all(v in pairs for v in GAP_PAIR):
+            gap, gap_se = amortization_gap(pairs["vae"], data.plain.test, config.eval.local_refit_steps,
+                                           num_particles, config.seed)
+            table.loc[table.variant == "vae", ["amortization_gap", "amortization_gap_se"]] = gap, gap_se
+        comparisons = []
+        for target, group in elpds.items():
+            if len(group) >= 2:
+                comparison = arviz_adapter.compare(group)
+                slug = "p-y-given-x" if "y" in target else "p-x"
+                comparisons.append(report.Plot(f"Held-out {target}", plots.compare(
+                    lambda ax, c=comparison: arviz_adapter.plot_compare(c, ax), work / f"compare-{slug}.png",
+                    len(group), f"held-out {target} per variant: PSIS-smoothed importance sampling (higher is better)"),
+                    "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
+                    f"(not leave-one-out cross-validation); {num_particles} draws per point"))
+        intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
+        page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons)
+        _publish(work, run_dir / "diagnostics")
+        write_csv(run_dir / "diagnostics.csv", table)
+        write_text(run_dir / "report.html", page)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table

@@ -1,0 +1,136 @@
+"""PNG figures of the diagnostics. Each function draws one figure from arrays and writes it atomically.
+
+Figures are ``matplotlib.figure.Figure`` objects rendered by the Agg canvas: no pyplot state, no GUI backend,
+nothing left open after saving. Arrays come in as numpy or torch; images as flattened rows plus a shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from experiments.files import atomic_path
+
+PRIOR_COLOR, QAGG_COLOR = "tab:gray", "tab:blue"
+DPI = 90
+
+
+def _np(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    fig.clear()
+    return Path(path)
+
+
+def marginals(q_agg: np.ndarray, prior: np.ndarray, path: str | Path, max_dims: int = 16) -> Path:
+    """Histogram of each latent dimension: draws from q_agg(z) against draws from p(z)."""
+    q_agg, prior = _np(q_agg), _np(prior)
+    dims = min(q_agg.shape[1], max_dims)
+    cols = min(dims, 4)
+    rows = -(-dims // cols)
+    fig = Figure(figsize=(3 * cols, 2.2 * rows), layout="constrained")
+    for d in range(dims):
+        ax = fig.add_subplot(rows, cols, d + 1)
+        both = np.concatenate([q_agg[:, d], prior[:, d]])
+        bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40)
+        ax.hist(prior[:, d], bins=bins, density=True, color=PRIOR_COLOR, alpha=0.5, histtype="stepfilled",
+                label="p(z)")
+        ax.hist(q_agg[:, d], bins=bins, density=True, color=QAGG_COLOR, histtype="step", lw=1.5, label="q_agg(z)")
+        ax.set_title(f"z[{d}]", fontsize=9)
+        ax.set_yticks([])
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle("Per-dimension marginals: aggregated posterior vs prior")
+    return save_figure(fig, path)
+
+
+def latent_2d(q_agg: np.ndarray, prior: np.ndarray, path: str | Path) -> Path:
+    """q_agg and prior draws in 2-D: the first two dimensions, or the first two principal axes of q_agg."""
+    q_agg, prior = _np(q_agg), _np(prior)
+    if q_agg.shape[1] > 2:
+        center = q_agg.mean(axis=0)
+        _, _, vt = np.linalg.svd(q_agg - center, full_matrices=False)
+        project = lambda a: (a - center) @ vt[:2].T  # noqa: E731
+        labels = ("PC 1 of q_agg", "PC 2 of q_agg")
+    else:
+        project = lambda a: np.pad(a, ((0, 0), (0, 2 - a.shape[1])))  # noqa: E731
+        labels = ("z[0]", "z[1]")
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    p, q = project(prior), project(q_agg)
+    ax.scatter(p[:, 0], p[:, 1], s=4, alpha=0.3, color=PRIOR_COLOR, label="p(z)")
+    ax.scatter(q[:, 0], q[:, 1], s=4, alpha=0.4, color=QAGG_COLOR, label="q_agg(z)")
+    ax.set_xlabel(labels[0]), ax.set_ylabel(labels[1])
+    ax.legend(markerscale=4)
+    ax.set_title("Aggregated posterior vs prior draws")
+    return save_figure(fig, path)
+
+
+def kl_per_dim(kl: np.ndarray, path: str | Path, active: np.ndarray | None = None) -> Path:
+    """Mean KL(q(z_d|x) || p(z_d)) per latent dimension; active units (Burda et al. 2016) in a darker colour."""
+    kl = _np(kl)
+    colors = [QAGG_COLOR if active is None or a else "lightsteelblue" for a in
+              (_np(active) if active is not None else [True] * len(kl))]
+    fig = Figure(figsize=(max(4, 0.4 * len(kl)), 3), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(kl)), kl, color=colors)
+    ax.set_xlabel("latent dimension"), ax.set_ylabel("mean KL (nats)")
+    ax.set_title("KL per dimension" + ("" if active is None else " (pale = inactive unit)"))
+    return save_figure(fig, path)
+
+
+def khat(values: np.ndarray, threshold: float, path: str | Path) -> Path:
+    """Pareto k-hat of each test point's importance weights with the reliability threshold."""
+    values = _np(values)
+    fig = Figure(figsize=(6, 3), layout="constrained")
+    ax = fig.add_subplot()
+    bad = values > threshold
+    ax.scatter(np.flatnonzero(~bad), values[~bad], s=6, color=QAGG_COLOR)
+    ax.scatter(np.flatnonzero(bad), values[bad], s=6, color="tab:red")
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:.2f}")
+    ax.set_xlabel("test point"), ax.set_ylabel("Pareto k-hat")
+    ax.set_title(f"k-hat per point: {bad.mean():.1%} above threshold")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def image_rows(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: str | Path, per_row: int = 12,
+               title: str = "") -> Path:
+    """One row of images per entry of ``rows`` (label -> flattened images), grey scale in [0, 1].
+
+    The images are tiled into one array and drawn with a single ``imshow`` (one axes per image is ~20x slower).
+    """
+    h, w = image_shape
+    pad = max(1, h // 8)
+    mosaic = np.full((len(rows) * (h + pad) + pad, per_row * (w + pad) + pad), np.nan)
+    for r, images in enumerate(rows.values()):
+        for c, image in enumerate(_np(images)[:per_row]):
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            mosaic[top : top + h, left : left + w] = image.reshape(h, w)
+    fig = Figure(figsize=(1.5 + per_row * 0.55, 0.4 + len(rows) * 0.55 * h / w))
+    ax = fig.add_axes((0.2, 0.02, 0.78, 0.9 if title else 0.96))
+    ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], list(rows), fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def compare(draw: Callable, path: str | Path, num_variants: int, title: str) -> Path:
+    """The ArviZ compare plot; ``draw(ax)`` is ``arviz_adapter.plot_compare`` bound to its table."""
+    fig = Figure(figsize=(7, 1 + 0.5 * num_variants), layout="constrained")
+    ax = fig.add_subplot()
+    draw(ax)
+    ax.set_title(title)
+    return save_figure(fig, path)

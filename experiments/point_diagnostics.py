@@ -1,0 +1,139 @@
+"""Per-data-point diagnostics of any pair: importance-sampled log p(x_n), its PSIS version and Pareto k-hat,
+the ELBO and KL(q(z|x_n) || p(z)) -- all read from Pyro traces (``experiments.log_weights``).
+
+    log p(x_n) ~= log 1/S sum_s w_s,   w_s = p(x_n, z_s) / q(z_s|x_n),   z_s ~ q(z|x_n)   (Burda et al. 2016)
+
+PSIS (Yao et al. 2018; ArviZ ``psislw``, through ``experiments.arviz_adapter``) replaces the largest weights by
+a fitted generalized Pareto tail; its shape k-hat says whether the estimate can be trusted: k-hat above
+min(1 - 1/log10 S, 0.7) means the proposal q(z|x_n) is too narrow for p(z|x_n) and the estimate is unreliable.
+For conditional pairs the same numbers are about log p(y_n|x_n) with q(z|x_n, y_n) as proposal, and
+``kl_prior_standard`` = KL(p(z|x_n) || N(0, I)) says how far the x-conditioned prior moves from the independent one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from experiments import arviz_adapter
+from experiments.aggregate import map_batch, point_kl, posterior_components, prior_components
+from experiments.data import Split
+from experiments.evaluation import refit_local_guide
+from experiments.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
+from experiments.registry import Pair
+
+khat_threshold = arviz_adapter.khat_threshold
+
+
+@dataclass
+class PointDiagnostics:
+    """One entry per data point (numpy arrays), plus the guide the numbers were computed with."""
+
+    log_lik_is: np.ndarray  # (N,) log-mean-exp of the S importance weights
+    log_lik_psis: np.ndarray  # (N,) the same with PSIS-smoothed weights
+    khat: np.ndarray  # (N,) Pareto shape of each point's weights
+    elbo: np.ndarray  # (N,) mean of the S log weights
+    kl: np.ndarray  # (N,) KL(q(z|x_n) || p(z)), analytic where torch's KL registry has the pair
+    kl_analytic: bool
+    kl_per_dim: np.ndarray | None  # (N, D) where prior and guide factorize
+    kl_prior_standard: np.ndarray | None  # (N,) conditional pairs: KL(p(z|x_n) || N(0, I))
+    num_particles: int
+    guide: nn.Module
+    note: str = ""
+
+    @property
+    def good_khat(self) -> float:
+        return khat_threshold(self.num_particles)
+
+    def summary(self) -> dict[str, float]:
+        se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan  # noqa: E731
+        return {"log_lik_is": float(self.log_lik_is.mean()), "log_lik_is_se": se(self.log_lik_is),
+                "log_lik_psis": float(self.log_lik_psis.mean()), "log_lik_psis_se": se(self.log_lik_psis),
+                "elbo": float(self.elbo.mean()), "elbo_se": se(self.elbo), "mean_kl_points": float(self.kl.mean()),
+                "share_khat_bad": float((self.khat > self.good_khat).mean()), "good_khat": self.good_khat}
+
+
+def evaluation_guide(pair: Pair, split: Split, guide: nn.Module | None = None, local_refit_steps: int = 500,
+                     seed: int = 0) -> tuple[nn.Module, str]:
+    """The guide to evaluate ``split`` with: ``guide``, the pair's amortized guide, or a per-point guide refitted
+    on ``split`` with the model frozen (``experiments.evaluation.refit_local_guide``)."""
+    if guide is not None:
+        return guide, ""
+    if getattr(pair.guide, "amortized", True):
+        return pair.guide, ""
+    note = f"per-point guide refitted on the {len(split)} points ({local_refit_steps} Adam steps, decoder frozen)"
+    return refit_local_guide(pair, split, local_refit_steps, seed=seed), note
+
+
+def _standard_normal_like(p: torch.distributions.Distribution) -> dist.Distribution:
+    zeros = torch.zeros(p.batch_shape + p.event_shape, dtype=p.mean.dtype, device=p.mean.device)
+    return dist.Normal(zeros, torch.ones_like(zeros)).to_event(len(p.event_shape))
+
+
+@torch.no_grad()
+def point_diagnostics(pair: Pair, split: Split, num_particles: int = 1000, seed: int = 0,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS, guide: nn.Module | None = None,
+                      local_refit_steps: int = 500, kl_draws: int = 256, batch_size: int = 4096) -> PointDiagnostics:
+    """Per-point diagnostics on ``split`` with ``num_particles`` importance samples per point.
+
+    Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
+    no site holds more than ``max_elements`` numbers (``experiments.log_weights``).
+    """
+    guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
+    args = split.tensors()
+    pyro.set_rng_seed(seed)
+    weights = log_weights(pair.model, guide, args, num_particles, max_elements)
+    log_w = weights.log_w.double()
+    log_s = math.log(num_particles)
+    smoothed, khat = arviz_adapter.psis(log_w.T.cpu().numpy())
+    q = posterior_components(guide, args, batch_size)
+    p = prior_components(pair.model, guide, args, batch_size)
+    kl, per_dim, analytic, _ = point_kl(q, p, kl_draws, seed, max_elements)
+    kl_standard = None
+    if pair.conditional:
+        kl_standard = point_kl(p, _standard_normal_like(p), kl_draws, seed, max_elements).kl.cpu().numpy()
+    return PointDiagnostics(
+        log_lik_is=(torch.logsumexp(log_w, 0) - log_s).cpu().numpy(),
+        log_lik_psis=np.logaddexp.reduce(smoothed, axis=1) - log_s, khat=khat,
+        elbo=log_w.mean(0).cpu().numpy(), kl=kl.double().cpu().numpy(), kl_analytic=analytic,
+        kl_per_dim=None if per_dim is None else per_dim.double().cpu().numpy(),
+        kl_prior_standard=kl_standard, num_particles=num_particles, guide=guide, note=note)
+
+
+@torch.no_grad()
+def inference_arrays(pair: Pair, split: Split, index: torch.Tensor, num_draws: int, guide: nn.Module,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays ``arviz_adapter.to_inference_data`` takes, for the points ``index`` of ``split``.
+
+    Posterior draws z ~ q(z|x_n) with their log weights, and as many draws from the model's ``"z"``
+    distribution for the same points. ``guide`` must be the one the diagnostics used (``PointDiagnostics.guide``);
+    for a per-point guide ``index`` refers to its points.
+    """
+    index = torch.as_tensor(index, device=split.x.device)
+    pyro.set_rng_seed(seed)
+    if getattr(guide, "amortized", True):
+        args = split.tensors(index)
+        weights, z = log_weights(pair.model, guide, args, num_draws, return_z=True)
+        p = prior_components(pair.model, guide, args)
+    else:  # a per-point guide needs the whole split in its plate; keep the rows asked for
+        weights, z = log_weights(pair.model, guide, split.tensors(), num_draws, return_z=True)
+        weights = type(weights)(*(t[:, index] for t in (weights.log_q, weights.log_p_z, weights.log_lik)))
+        z = z[:, index]
+        p = map_batch(prior_components(pair.model, guide, split.tensors()), lambda t: t[index])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        z_prior = p.sample((num_draws,))
+    observed = split.y if split.y is not None else split.x
+    return {"z_posterior": z.cpu().numpy(), "z_prior": z_prior.cpu().numpy(), "log_lik": weights.log_lik.cpu().numpy(),
+            "log_w": weights.log_w.cpu().numpy(), "log_q": weights.log_q.cpu().numpy(),
+            "log_p_z": weights.log_p_z.cpu().numpy(), "observed": observed[index].cpu().numpy(),
+            "obs_index": index.cpu().numpy(), "observed_name": "y" if split.y is not None else "x"}
+
+
+__all__ = ["PointDiagnostics", "point_diagnostics", "inference_arrays", "khat_threshold", "evaluation_guide"]

@@ -1,0 +1,134 @@
+"""One self-contained ``report.html``: the diagnostics table with a guide to reading it, then each variant's plots.
+
+Images are embedded as base64 PNG data URIs; the page has no scripts and no external references, so it opens
+offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.files import write_text
+
+# Column of diagnostics.csv -> (header shown in the report, how to read it). Columns not listed are shown as is.
+COLUMN_HELP: dict[str, tuple[str, str]] = {
+    "log_lik": ("test log p(x) ± SE", "held-out log-likelihood per test point (log p(y|x) for conditional pairs), "
+                "the PSIS-smoothed importance-sampling estimate with S draws from q; higher is better; "
+                "± one standard error over test points"),
+    "elbo": ("ELBO", "evidence lower bound per test point; log p(x) - ELBO = E KL(q(z|x) || p(z|x)), the gap the "
+             "guide leaves"),
+    "mean_kl": ("mean KL", "E_x KL(q(z|x) || p(z)), the rate: nats the code spends per point"),
+    "mutual_info": ("I(x;z)", "mutual information between the training index and z under q = mean KL - "
+                    "KL(q_agg || p) (Hoffman & Johnson 2016); 0 = z says nothing about x; at most log N"),
+    "log_n": ("log N", "the upper bound of I(x;z) with N training points"),
+    "kl_qagg_p": ("KL(q_agg‖p)", "how far the aggregated posterior q_agg(z) = 1/N sum_n q(z|x_n) is from the "
+                  "prior; the part of the mean KL that is not information"),
+    "kl_p_qagg": ("KL(p‖q_agg)", "the reverse: large when the prior puts mass where no training point is "
+                  "encoded (holes), so samples from p(z) decode to something the decoder never learned"),
+    "prior_hole_share": ("prior-hole share", "share of draws from p(z) where q_agg's density is below the 1st "
+                         "percentile of its density on its own draws (Rosca et al. 2018); about 0.01 when the "
+                         "prior matches q_agg, near 1 when prior samples land in holes"),
+    "active_units": ("active units", "latent dimensions with Cov_x(E_q[z_d | x]) > 0.01 (Burda et al. 2016) "
+                     "out of latent_dim; inactive dimensions have collapsed to the prior"),
+    "khat_above": ("k-hat > thr", "share of test points whose importance weights have Pareto k-hat above "
+                   "min(1 - 1/log10 S, 0.7): their log p(x) estimate is unreliable (Yao et al. 2018), usually "
+                   "a guide narrower than the posterior"),
+    "amortization_gap": ("amortization gap", "ELBO of a per-point Gaussian guide fitted to the test points with "
+                         "this pair's decoder frozen minus the encoder's ELBO, same points (Cremer et al. 2018)"),
+    "fd_prior": ("FD p(z)", "Frechet distance, in a data-set classifier's features, between draws x ~ p(x|z), "
+                 "z ~ p(z) and the test split; lower = closer to the data"),
+    "fd_q_agg": ("FD q_agg", "the same with z ~ q_agg(z), the exact mixture of training encodings"),
+    "fd_gmm": ("FD GMM", "the same with z from a Gaussian mixture fitted to the training encodings' means "
+               "(Ghosh et al. 2020)"),
+    "coverage_prior": ("coverage p(z)", "share of classes predicted for at least 1/(2K) of the samples from "
+                       "p(z) (1 = all K classes appear)"),
+    "max_prob_prior": ("max prob p(z)", "mean largest class probability of the samples from p(z): how "
+                       "recognisable they are"),
+}
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#f0f0f0}td:first-child{text-align:left}dt{font-weight:bold;margin-top:.4em}
+img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
+.note{background:#fff8e0;padding:.4em .8em;border-left:3px solid #e0b000}"""
+
+
+@dataclass
+class Plot:
+    title: str
+    path: Path
+    caption: str = ""
+
+
+@dataclass
+class VariantSection:
+    name: str
+    description: str
+    plots: list[Plot] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _figure(plot: Plot) -> str:
+    caption = html.escape(plot.title) + (": " + html.escape(plot.caption) if plot.caption else "")
+    return f"<figure>{_img(plot.path)}<figcaption>{caption}</figcaption></figure>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return html.escape(str(value))
+
+
+def table_html(table: pd.DataFrame, columns: list[str]) -> str:
+    """The diagnostics table: ``log_lik`` and ``elbo`` with their SEs, then ``columns`` that exist."""
+    shown = [c for c in columns if c in table.columns]
+    head = "".join(f"<th>{html.escape(COLUMN_HELP.get(c, (c, ''))[0])}</th>" for c in ["variant", *shown])
+    rows = []
+    for _, row in table.iterrows():
+        cells = [_fmt(row["variant"])]
+        for c in shown:
+            se = row.get(f"{c}_se")
+            cells.append(_fmt(row[c]) + (f" ± {_fmt(se)}" if se is not None and not pd.isna(se) else ""))
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def legend_html(columns: list[str]) -> str:
+    items = [f"<dt>{html.escape(COLUMN_HELP[c][0])}</dt><dd>{html.escape(COLUMN_HELP[c][1])}</dd>"
+             for c in columns if c in COLUMN_HELP]
+    return f"<h3>How to read this table</h3><dl>{''.join(items)}</dl>"
+
+
+def render(title: str, intro: list[str], table: pd.DataFrame, columns: list[str], sections: list[VariantSection],
+           comparisons: list[Plot] | None = None) -> str:
+    """The whole page as an HTML string."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p>{html.escape(line)}</p>" for line in intro]
+    parts += ["<h2>Diagnostics</h2>", table_html(table, columns), legend_html(columns)]
+    if comparisons:
+        parts += ["<h2>Comparison of variants</h2>", *(_figure(plot) for plot in comparisons)]
+    for section in sections:
+        parts.append(f"<h2 id='{html.escape(section.name)}'>{html.escape(section.name)}</h2>")
+        parts.append(f"<p>{html.escape(section.description)}</p>")
+        parts += [f"<p class='note'>{html.escape(note)}</p>" for note in section.notes]
+        parts += [_figure(plot) for plot in section.plots]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(path: str | Path, *args, **kwargs) -> Path:
+    """``render(...)`` written atomically to ``path``."""
+    write_text(path, render(*args, **kwargs))
+    return Path(path)

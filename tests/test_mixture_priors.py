@@ -1,0 +1,169 @@
+"""Mixture priors over the guide's posteriors: densities against float64 brute force, leave-one-out,
+VampPrior = exemplar prior at K = N, gradients, the scalable path's error, and training on digits."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from experiments.config import ModelConfig, SVIConfig
+from experiments.data import binarize, load_digits
+from experiments.evaluation import evaluate
+from experiments.log_weights import log_weights
+from experiments.registry import get_variant
+from experiments.svi import fit, mean_elbo
+from guides.amortized_normal import AmortizedNormalGuide
+from models.mixture_priors import ExemplarPrior, GaussianMixture, VampPrior
+
+
+class LinearEncoder(nn.Module):
+    """q(z|x) = N(x W^T, s^2 I) with W = I at start: the exact mixture is a known Gaussian mixture of the data."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.linear.weight)
+        self.scale = scale
+
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        loc = self.linear(x)
+        return dist.Normal(loc, torch.full_like(loc, self.scale)).to_event(1)
+
+
+def brute_force_mixture(z, log_w, loc, scale) -> torch.Tensor:
+    """log sum_k w_k prod_d N(z_d; loc_kd, scale_kd) by explicit float64 loops over points and components."""
+    z, log_w, loc, scale = (t.detach().double() for t in (z, log_w, loc, scale))
+    out = torch.empty(z.shape[0], dtype=torch.float64)
+    for b in range(z.shape[0]):
+        terms = [log_w[b, k].item() + sum(-0.5 * ((z[b, d] - loc[k, d]) / scale[k, d]).item() ** 2
+                                           - math.log(scale[k, d].item()) - 0.5 * math.log(2 * math.pi)
+                                           for d in range(z.shape[1]))
+                 for k in range(loc.shape[0])]
+        top = max(terms)
+        out[b] = top + math.log(sum(math.exp(t - top) for t in terms if t > -math.inf))
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
+def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    b, k, d, s = 4, 7, 3, 5
+    logits = torch.randn(b, k, generator=gen, dtype=dtype)
+    logits[0, 2] = logits[3, 6] = -math.inf
+    loc = 3 * torch.randn(k, d, generator=gen, dtype=dtype)
+    scale = 0.2 + torch.rand(k, d, generator=gen, dtype=dtype)
+    z = 3 * torch.randn(s, b, d, generator=gen, dtype=dtype)
+    mixture = GaussianMixture(logits, loc, scale, max_elements=3 * k)  # chunks of 3 queries
+    log_w = logits.log_softmax(-1)
+    got = mixture.log_prob(z)
+    assert got.shape == (s, b) and isinstance(mixture, dist.MixtureSameFamily)
+    for i in range(s):
+        torch.testing.assert_close(got[i].double(), brute_force_mixture(z[i], log_w, loc, scale).double(),
+                                   atol=tol, rtol=0)
+    # under a particle plate Pyro expands the distribution to (S, B): same values
+    torch.testing.assert_close(mixture.expand((s, b)).log_prob(z), got)
+
+
+def test_gaussian_mixture_samples_follow_the_mixture_weights():
+    loc = torch.tensor([[-10.0], [10.0]])
+    mixture = GaussianMixture(torch.tensor([[0.0, math.log(3.0)]]), loc, torch.ones(2, 1))
+    draws = mixture.sample((4000,))
+    assert draws.shape == (4000, 1, 1)
+    assert abs((draws > 0).double().mean().item() - 0.75) < 0.03  # P(second component) = 3/4
+
+
+def test_exemplar_prior_leaves_own_component_out_in_training_and_keeps_it_at_evaluation():
+    x = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    prior = ExemplarPrior(LinearEncoder(2, 0.5), x, path="exact")
+    index = torch.tensor([1, 3])
+    z = x[index]  # at its own exemplar, point n's own component dominates the full mixture
+    scale = torch.full_like(x, 0.5)
+    leave_one_out = torch.zeros(2, 4).index_put_((torch.arange(2), index), torch.tensor(-math.inf))
+    prior.train()
+    torch.testing.assert_close(prior(index).log_prob(z).double(),
+                               brute_force_mixture(z, leave_one_out.log_softmax(-1), x, scale).double())
+    prior.eval()
+    full = brute_force_mixture(z, torch.full((2, 4), -math.log(4)), x, scale).double()
+    torch.testing.assert_close(prior(index).log_prob(z).double(), full)
+    # included: log 1/4 + log N(0; 0, 0.25 I_2) = -1.386 - 0.452, the others being 10 sigma away; excluded: < -40
+    own = -math.log(4) - 2 * (math.log(0.5) + 0.5 * math.log(2 * math.pi))
+    torch.testing.assert_close(full, torch.full((2,), own, dtype=torch.float64))
+    assert prior.train()(index).log_prob(z).max() < -40
+
+
+def test_vamp_prior_with_pseudo_inputs_frozen_at_training_points_equals_exemplar_prior():
+    torch.manual_seed(0)
+    x = 0.05 + 0.9 * torch.rand(30, 6)  # inside (0, 1), where the sigmoid parametrization is invertible
+    guide = AmortizedNormalGuide(6, [16], 3)
+    vamp = VampPrior(guide, x, bounded=True).eval()
+    vamp.raw_pseudo_inputs.requires_grad_(False)
+    exemplar = ExemplarPrior(guide, x, variance="encoder", path="exact").eval()
+    z = torch.randn(2, 30, 3)
+    index = torch.arange(30)
+    torch.testing.assert_close(vamp(index).log_prob(z), exemplar(index).log_prob(z), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make_prior", ["vamp", "exemplar-encoder", "exemplar-shared"])
+def test_prior_log_density_sends_gradients_to_the_encoder(make_prior):
+    torch.manual_seed(0)
+    x = torch.rand(20, 5)
+    guide = AmortizedNormalGuide(5, [8], 2)
+    if make_prior == "vamp":
+        prior = VampPrior(guide, x[:6], learn_weights=True)
+    else:
+        prior = ExemplarPrior(guide, x, variance=make_prior.split("-")[1], path="exact")
+    z = torch.randn(4, 2)  # fixed draws: any gradient reaches the encoder through the prior's components
+    prior(torch.arange(4)).log_prob(z).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in guide.parameters())
+    own = [p for n, p in prior.named_parameters() if not n.startswith("guide.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+
+
+def test_scalable_exemplar_log_density_is_close_to_the_exact_leave_one_out_density():
+    torch.manual_seed(0)
+    x = torch.rand(3000, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.03), x, path="scalable", neighbors=30, subset=256).train()
+    for _ in range(3):  # neighbour-table sweeps (training does one per epoch)
+        prior.refresh()
+    exact_neighbors = torch.cdist(x, x).fill_diagonal_(math.inf).topk(30, largest=False).indices
+    recall = (prior._table[:, :, None] == exact_neighbors[:, None, :]).any(-1).double().mean()
+    index = torch.randperm(3000)[:256]
+    z = prior.guide.encode(x[index]).sample()
+    with torch.no_grad():
+        error = prior(index).log_prob(z) - prior.mixture(index).log_prob(z)
+    # the tail (a 256-point random subset standing for the other 2969) is what is left of the error
+    assert recall > 0.95 and error.abs().mean() < 0.3 and error.mean().abs() < 0.1, (recall, error)
+
+
+def test_exemplar_prior_rejects_bad_settings_with_a_fix():
+    x = torch.rand(10, 3)
+    guide = AmortizedNormalGuide(3, [4], 2)
+    with pytest.raises(ValueError, match="encoder.*shared"):
+        ExemplarPrior(guide, x, variance="learned")
+    with pytest.raises(ValueError, match="subset <= N"):
+        ExemplarPrior(guide, x, path="scalable", neighbors=5, subset=64)
+    with pytest.raises(ValueError, match=r"\.eval\(\)"):
+        ExemplarPrior(guide, x).train()(torch.tensor([3, 12]))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return binarize(load_digits(), "static")
+
+
+@pytest.mark.parametrize("variant", ["vae-vamp", "vae-exemplar"])
+def test_mixture_prior_variants_train_on_digits_and_evaluate(digits, variant):
+    pyro.set_rng_seed(0)
+    pair = get_variant(variant).factory(digits, ModelConfig(hidden=[64], num_pseudo_inputs=100), "bernoulli")
+    before = mean_elbo(pair.objective(pyro.infer.Trace_ELBO()), digits.val)
+    result = fit(pair, digits, SVIConfig(epochs=3, batch_size=128), progress=False)
+    assert result.best_elbo > before + 5, (before, result.history)
+    weights = log_weights(pair.model, pair.guide, digits.test.tensors(slice(0, 50)), num_particles=20)
+    assert weights.log_p_z.shape == (20, 50) and torch.isfinite(weights.log_w).all()
+    summary = evaluate(pair, digits.test, num_particles=10).summary()
+    assert math.isfinite(summary["test_log_lik"]) and summary["test_log_lik"] >= summary["test_elbo"]

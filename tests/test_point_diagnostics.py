@@ -1,0 +1,98 @@
+"""Per-point diagnostics against the closed forms of linear-Gaussian pairs (issue 3, "Correctness")."""
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.point_diagnostics import inference_arrays, khat_threshold, point_diagnostics
+from experiments.registry import Pair
+from experiments.synthetic import (
+    conditional_linear_gaussian_parameters,
+    linear_gaussian_dataset,
+    linear_gaussian_parameters,
+    sample_conditional,
+)
+from guides.local_normal import LocalNormalGuide
+from models.linear_gaussian import ExactConditionalGuide, ExactPosteriorGuide
+
+
+@pytest.fixture(scope="module")
+def ppca_setup():
+    ppca = linear_gaussian_parameters(x_dim=6, latent_dim=3, posterior_variances=[0.3, 0.5, 0.7])
+    test = linear_gaussian_dataset(ppca, num_train=10, num_val=10, num_test=200).test
+    return ppca, test, ppca.log_marginal(test.x).numpy()
+
+
+def _diagnose(ppca, split, scale_factor, **kwargs):
+    return point_diagnostics(Pair(ppca.model(), ExactPosteriorGuide(ppca, scale_factor)), split, 1000, **kwargs)
+
+
+def test_exact_guide_importance_log_lik_within_0_05_nat_and_good_khat(ppca_setup):
+    ppca, test, exact = ppca_setup
+    d = _diagnose(ppca, test, 1.0)
+    assert np.abs(d.log_lik_is - exact).max() < 0.05
+    assert np.abs(d.log_lik_psis - exact).max() < 0.05
+    assert (d.khat < 0.5).mean() >= 0.95
+
+
+def test_wider_guide_importance_log_lik_within_0_05_nat_and_good_khat(ppca_setup):
+    # 1.2x the exact scale: weights vary (unlike the exact guide) but have light tails.
+    ppca, test, exact = ppca_setup
+    d = _diagnose(ppca, test, 1.2)
+    assert np.abs(d.log_lik_is - exact).max() < 0.05
+    assert (d.khat < 0.5).mean() >= 0.95
+    assert (d.elbo < exact).all()
+
+
+def test_too_narrow_guide_has_large_khat_and_elbo_strictly_below_log_marginal(ppca_setup):
+    ppca, test, exact = ppca_setup
+    d = _diagnose(ppca, test, 0.3)
+    assert (d.khat > 0.7).mean() > 0.5
+    assert (d.elbo < exact).all()
+    assert d.summary()["share_khat_bad"] > 0.5
+
+
+def test_analytic_kl_per_point_and_dimension_match_the_gaussian_closed_form(ppca_setup):
+    ppca, test, _ = ppca_setup
+    d = _diagnose(ppca, test, 1.0)
+    mu, var = ppca.posterior_loc(test.x).double(), torch.tensor([0.3, 0.5, 0.7], dtype=torch.float64)
+    per_dim = 0.5 * (var + mu**2 - 1 - var.log())
+    assert d.kl_analytic
+    np.testing.assert_allclose(d.kl_per_dim, per_dim.numpy(), atol=1e-5)
+    np.testing.assert_allclose(d.kl, per_dim.sum(-1).numpy(), atol=1e-5)
+
+
+def test_conditional_pair_gives_exact_log_p_y_given_x_and_prior_kl_to_standard_normal():
+    params = conditional_linear_gaussian_parameters()
+    split = sample_conditional(params, 100)
+    pair = Pair(params.model(), ExactConditionalGuide(params, 1.2), conditional=True)
+    d = point_diagnostics(pair, split, 1000)
+    np.testing.assert_allclose(d.log_lik_is, params.log_conditional(split.x, split.y).numpy(), atol=0.05)
+    np.testing.assert_allclose(d.kl_prior_standard, params.kl_prior_standard(split.x).numpy(), atol=1e-5)
+    assert not d.kl_analytic  # full-covariance q vs diagonal p(z|x): not in torch's KL registry -> Monte Carlo
+
+
+def test_per_point_guide_reads_its_own_parameters_in_every_chunk(ppca_setup):
+    # A local guide set to each point's exact posterior must give log w = log p(x_n) for all points, even when the
+    # points are split into many chunks (small max_elements).
+    ppca, test, exact = ppca_setup
+    guide = LocalNormalGuide(len(test), 3)
+    with torch.no_grad():
+        guide.loc.copy_(ppca.posterior_loc(test.x))
+        guide.raw_scale.copy_(torch.tensor([0.3, 0.5, 0.7]).sqrt().sub(1e-3).expm1().log().expand(len(test), 3))
+    d = point_diagnostics(Pair(ppca.model(), guide), test, 100, max_elements=100 * 6 * 16, guide=guide)
+    np.testing.assert_allclose(d.log_lik_is, exact, atol=1e-3)
+
+
+def test_inference_arrays_have_draws_by_points_by_latents(ppca_setup):
+    ppca, test, _ = ppca_setup
+    guide = ExactPosteriorGuide(ppca)
+    arrays = inference_arrays(Pair(ppca.model(), guide), test, torch.tensor([3, 7]), 50, guide)
+    assert arrays["z_posterior"].shape == arrays["z_prior"].shape == (50, 2, 3)
+    assert arrays["log_w"].shape == (50, 2) and arrays["observed"].shape == (2, 6)
+
+
+def test_khat_threshold_follows_the_sample_size_rule():
+    assert khat_threshold(100) == pytest.approx(0.5)
+    assert khat_threshold(1000) == pytest.approx(2 / 3)
+    assert khat_threshold(10**6) == pytest.approx(0.7)
