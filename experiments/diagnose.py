@@ -28,8 +28,8 @@ from experiments.amortization import amortization_gap
 from experiments.config import RunConfig
 from experiments.data import Dataset, quadrant_masks
 from experiments.files import write_csv, write_text
-from experiments.generation import generate, latent_samplers, predict, reconstruct
-from experiments.point_diagnostics import inference_arrays, point_diagnostics
+from experiments.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
+from experiments.point_diagnostics import evaluation_guide, inference_arrays, point_diagnostics
 from experiments.registry import Pair, get_variant
 from experiments.runs import RunData, load_pair, load_run
 from experiments.sample_quality import load_or_train_classifier, score_samples
@@ -42,9 +42,10 @@ NC_POINTS = 16  # test points whose S draws go into the NetCDF file (all S draws
 GRID = 12  # images per row in the sample and reconstruction grids
 GAP_PAIR = ("vae", "vae-local-guide")  # the amortization gap is reported where a run has both
 
-COLUMNS = ["log_lik", "elbo", "mean_kl", "mutual_info", "log_n", "kl_qagg_p", "kl_p_qagg", "prior_hole_share",
-           "active_units", "khat_above", "amortization_gap", "fd_prior", "fd_q_agg", "fd_gmm", "coverage_prior",
-           "max_prob_prior"]
+# The columns of the report's table, in order (diagnostics.csv has these and more: SEs, direct estimates, settings).
+COLUMNS = ["log_lik", "elbo", "mean_kl", "kl_prior_standard", "mutual_info", "log_n", "kl_qagg_p", "kl_p_qagg",
+           "prior_hole_share", "active_units", "khat_above", "amortization_gap", "fd_prior", "fd_q_agg", "fd_gmm",
+           "coverage_prior", "max_prob_prior"]
 
 
 def check_outputs(run_dir: Path, overwrite: bool) -> list[Path]:
@@ -120,15 +121,16 @@ def _reconstructions(pair, guide, dataset: Dataset, data: RunData, config: RunCo
 
 
 def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData, num_particles: int, work: Path,
-                          classifier) -> tuple[dict, report.VariantSection, object, Pair]:
+                     classifier) -> tuple[dict, report.VariantSection, object, Pair]:
     """One variant: its CSV row, its report section, its ``ELPDData`` and the loaded pair."""
     seed = config.seed
     pair, dataset = load_pair(run_dir, name, config, data)
     for parameter in [*pair.model.parameters(), *pair.guide.parameters()]:
         parameter.requires_grad_(False)  # diagnostics read the trained pair; only refitted local guides train
     spec = get_variant(name)
-    points = point_diagnostics(pair, dataset.test, num_particles=num_particles, seed=seed,
-                               local_refit_steps=config.eval.local_refit_steps)
+    # The guide for the test points: the pair's own, or a per-point guide refitted on them (decoder frozen).
+    guide, note = evaluation_guide(pair, dataset.test, local_refit_steps=config.eval.local_refit_steps, seed=seed)
+    points = point_diagnostics(pair, dataset.test, num_particles=num_particles, seed=seed, guide=guide)
     agg = aggregate_diagnostics(pair, dataset.train, num_samples=AGG_DRAWS, seed=seed)
     threshold = arviz_adapter.khat_threshold(num_particles)
     row = {"variant": name, "conditional": spec.conditional, "target": "log p(y|x)" if spec.conditional else "log p(x)",
@@ -136,12 +138,16 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
            "log_lik_is": points.log_lik_is.mean(), "elbo": points.elbo.mean(), "elbo_se": _se(points.elbo),
            **{k: v for k, v in agg.summary().items() if k not in ("num_points", "num_samples")},
            "latent_dim": len(agg.unit_activity), "khat_above": float((points.khat > threshold).mean()),
-           "khat_threshold": threshold, "num_particles": num_particles, "note": points.note}
+           "khat_threshold": threshold, "num_particles": num_particles, "note": note,
+           "kl_prior_standard": math.nan if points.kl_prior_standard is None else points.kl_prior_standard.mean()}
     args = dataset.train.tensors()
     q_train = posterior_components(pair.guide, args)
     z_q = sample_q_agg(q_train, PLOT_DRAWS, seed)
-    z_p = sample_q_agg(prior_components(pair.model, pair.guide, args), PLOT_DRAWS, seed + 1)
-    prior_label = "p(z)" if agg.shared_prior else "p_agg(z) = 1/N sum_n p(z|x_n)"
+    if spec.conditional:  # the prior depends on x: show the aggregated prior 1/N sum_n p(z|x_n)
+        z_p = sample_q_agg(prior_components(pair.model, pair.guide, args), PLOT_DRAWS, seed + 1)
+    else:  # the model's own "z" site, cheap even for a leave-one-out mixture prior
+        z_p = PriorSampler(pair.model, dataset.x_dim).sample(PLOT_DRAWS, seed + 1)
+    prior_label = "p_agg(z) = 1/N sum_n p(z|x_n)" if spec.conditional else "p(z)"
     figures = [
         report.Plot("Marginals", plots.marginals(z_q, z_p, work / f"{name}-marginals.png"),
                     f"each latent dimension: q_agg(z) over the {len(dataset.train)} training encodings vs "
@@ -163,7 +169,7 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
     arrays = inference_arrays(pair, dataset.test, subset, num_particles, points.guide, seed)
     idata = arviz_adapter.to_inference_data(**arrays, q_agg_draws=z_q.numpy(), prior_agg_draws=z_p.numpy())
     arviz_adapter.write_netcdf(idata, work / f"{name}.nc")
-    notes = [points.note] if points.note else []
+    notes = [note] if note else []
     if agg.collapsed_dims:
         notes.append(f"collapsed dimensions (mean KL < 0.01 nats): {agg.collapsed_dims}")
     section = report.VariantSection(name, spec.description, figures, notes)
@@ -205,10 +211,12 @@ def _publish(work: Path, target: Path) -> None:
 
 
 def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants: list[str] | None = None,
-                 progress: bool = False, overwrite: bool = False) -> pd.DataFrame:
+                 progress: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Diagnose the trained variants of ``run_dir`` (default: all) and write the outputs listed in the module doc.
 
     :param num_particles: importance draws per test point (default: the run's ``eval.num_particles``).
+    :param cache_dir: where the sample-scoring classifier is cached (default: ``RUN_DIR/../.vae-priors-cache``,
+        shared by the runs beside this one).
     :raises FileExistsError: if diagnostics outputs exist and ``overwrite`` is False (nothing is changed).
     """
     run_dir = Path(run_dir)
@@ -216,12 +224,14 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
     check_outputs(run_dir, overwrite)
     names = _variants(run_dir, config, variants)
     num_particles = num_particles or config.eval.num_particles
-    cache = run_dir.parent / ".vae-priors-cache"
+    cache = Path(cache_dir) if cache_dir else run_dir.parent / ".vae-priors-cache"
     work = Path(tempfile.mkdtemp(dir=run_dir, prefix=".diagnostics-"))
     try:
         classifier, classifier_note = load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
         rows, sections, elpds, pairs = [], [], {}, {}
-        for name in tqdm(names, desc="diagnostics", disable=not progress):
+        bar = tqdm(names, desc="diagnostics", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
             row, section, elpd, pairs[name] = diagnose_variant(run_dir, name, config, data, num_particles, work,
                                                                classifier)
             rows.append(row), sections.append(section)
@@ -238,7 +248,8 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                 slug = "p-y-given-x" if "y" in target else "p-x"
                 comparisons.append(report.Plot(f"Held-out {target}", plots.compare(
                     lambda ax, c=comparison: arviz_adapter.plot_compare(c, ax), work / f"compare-{slug}.png",
-                    len(group), f"held-out {target} per variant: PSIS-smoothed importance sampling (higher is better)"),
+                    len(group), f"Held-out {target}, PSIS-smoothed importance sampling (higher is better)",
+                    f"sum over the {len(data.plain.test)} test points of {target}"),
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))
         intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)

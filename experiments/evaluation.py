@@ -45,20 +45,21 @@ class Evaluation:
                 "test_log_lik": ll.mean().item(), "test_log_lik_se": se(ll)}
 
 
-def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed: int = 0) -> nn.Module:
-    """Fit a fresh per-point guide on ``split`` with the model frozen; returns the fitted guide."""
+def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 5e-2, seed: int = 0) -> nn.Module:
+    """Fit a fresh per-point guide on ``split`` (full batch, Adam) with the model frozen; returns the fitted guide."""
     guide = pair.guide.for_new_points(len(split))
     frozen = [p for p in pair.model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        pyro.set_rng_seed(seed)
-        loss_fn = Trace_ELBO()(pair.model, guide)
-        optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            (loss_fn(*split.tensors()) / len(split)).backward()
-            optimizer.step()
+        with torch.enable_grad():  # callers may hold no_grad (the diagnostics do); fitting needs gradients
+            pyro.set_rng_seed(seed)
+            loss_fn = Trace_ELBO()(pair.model, guide)
+            optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                (loss_fn(*split.tensors()) / len(split)).backward()
+                optimizer.step()
     finally:
         for p in frozen:
             p.requires_grad_(True)

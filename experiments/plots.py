@@ -36,7 +36,8 @@ def marginals(q_agg: np.ndarray, prior: np.ndarray, path: str | Path, max_dims: 
     dims = min(q_agg.shape[1], max_dims)
     cols = min(dims, 4)
     rows = -(-dims // cols)
-    fig = Figure(figsize=(3 * cols, 2.2 * rows), layout="constrained")
+    fig = Figure(figsize=(2.6 * cols, 1.7 * rows + 0.5))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.08, top=1 - 0.45 / (1.7 * rows + 0.5), hspace=0.45, wspace=0.08)
     for d in range(dims):
         ax = fig.add_subplot(rows, cols, d + 1)
         both = np.concatenate([q_agg[:, d], prior[:, d]])
@@ -114,8 +115,11 @@ def image_rows(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: st
         for c, image in enumerate(_np(images)[:per_row]):
             top, left = pad + r * (h + pad), pad + c * (w + pad)
             mosaic[top : top + h, left : left + w] = image.reshape(h, w)
-    fig = Figure(figsize=(1.5 + per_row * 0.55, 0.4 + len(rows) * 0.55 * h / w))
-    ax = fig.add_axes((0.2, 0.02, 0.78, 0.9 if title else 0.96))
+    inch = 0.6 / w  # each image 0.6 inch wide; the figure has the mosaic's aspect plus room for labels
+    label, top = 1.3, 0.3 if title else 0.05
+    width, height = label + mosaic.shape[1] * inch, top + mosaic.shape[0] * inch
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((label / width, 0, 1 - label / width, 1 - top / height))
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], list(rows), fontsize=8)
@@ -127,10 +131,11 @@ def image_rows(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: st
     return save_figure(fig, path)
 
 
-def compare(draw: Callable, path: str | Path, num_variants: int, title: str) -> Path:
+def compare(draw: Callable, path: str | Path, num_variants: int, title: str, xlabel: str) -> Path:
     """The ArviZ compare plot; ``draw(ax)`` is ``arviz_adapter.plot_compare`` bound to its table."""
     fig = Figure(figsize=(7, 1 + 0.5 * num_variants), layout="constrained")
     ax = fig.add_subplot()
     draw(ax)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)  # ArviZ writes "elpd_loo": this is not leave-one-out
     return save_figure(fig, path)

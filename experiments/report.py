@@ -23,7 +23,10 @@ COLUMN_HELP: dict[str, tuple[str, str]] = {
                 "± one standard error over test points"),
     "elbo": ("ELBO", "evidence lower bound per test point; log p(x) - ELBO = E KL(q(z|x) || p(z|x)), the gap the "
              "guide leaves"),
-    "mean_kl": ("mean KL", "E_x KL(q(z|x) || p(z)), the rate: nats the code spends per point"),
+    "mean_kl": ("mean KL", "1/N sum_n KL(q(z|x_n) || p(z)) over the N training points, the rate: nats the code "
+                "spends per point"),
+    "kl_prior_standard": ("KL(p(z|x)‖N(0,I))", "conditional pairs: how far the x-conditioned prior moves from the "
+                          "independent one, mean over test points; 0 for an independent prior"),
     "mutual_info": ("I(x;z)", "mutual information between the training index and z under q = mean KL - "
                     "KL(q_agg || p) (Hoffman & Johnson 2016); 0 = z says nothing about x; at most log N"),
     "log_n": ("log N", "the upper bound of I(x;z) with N training points"),
@@ -99,7 +102,8 @@ def table_html(table: pd.DataFrame, columns: list[str]) -> str:
         cells = [_fmt(row["variant"])]
         for c in shown:
             se = row.get(f"{c}_se")
-            cells.append(_fmt(row[c]) + (f" ± {_fmt(se)}" if se is not None and not pd.isna(se) else ""))
+            shown_se = se is not None and not pd.isna(se) and se > 0  # analytic quantities have SE 0: not shown
+            cells.append(_fmt(row[c]) + (f" ± {_fmt(se)}" if shown_se else ""))
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 

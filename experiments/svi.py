@@ -146,7 +146,7 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
             if data.dynamic_binarization:
                 batch = tuple(torch.bernoulli(t) for t in batch)
             # Pyro's validation (model/guide match, site shapes, distribution arguments) runs on the first
-            # step only: it catches a pair that breaks the contract, and costs ~10% of every later step.
+            # step only: it catches a pair that breaks the contract, and costs ~5% of every later step.
             first = epoch == first_epoch and step == 0
             try:
                 loss = svi_step(objective, optimizer, batch, index, n, beta=beta, clip_norm=config.clip_norm,

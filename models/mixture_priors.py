@@ -30,6 +30,8 @@ DEFAULT_MAX_ELEMENTS = 2**22  # entries of one (queries x components) chunk: 16 
 
 def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(z_q; loc_k, diag scale_k^2) for every query q (Q, D) and component k (K, D): shape (Q, K)."""
+    dtype = torch.promote_types(z.dtype, loc.dtype)  # float64 queries (diagnostics) against float32 encodings
+    z, loc, scale = z.to(dtype), loc.to(dtype), scale.to(dtype)
     precision = scale.pow(-2)
     quad = (z * z) @ precision.T - 2.0 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)
     log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)

@@ -1,7 +1,7 @@
 """Time the SVI step of ``vae`` against a hand-written PyTorch step with the same nets and estimator.
 
-    python -m experiments.benchmarks.svi_bench            # batch 128 and 1024, ~2 minutes on 2 cores
-    python -m experiments.benchmarks.svi_bench --quick    # a short run (~20 s)
+    python -m experiments.benchmarks.svi_bench            # batch 128 and 1024, about a minute
+    python -m experiments.benchmarks.svi_bench --quick    # a short run (~15 s)
     python -m experiments.benchmarks.svi_bench --profile  # + where the Pyro step spends its time
 
 A (ours): the step of ``experiments.svi.fit`` -- ``Trace_ELBO()(model, guide)`` inside
@@ -10,10 +10,13 @@ B (hand-written): the same modules (a copy with identical weights), the same sin
 estimator -(N/B) sum_n [log p(x_n|z_n) + log N(z_n; 0, I) - log q(z_n|x_n)] / N, z_n = mu + sigma * eps,
 the same Adam and clipping.
 
-A and B alternate (A B A B ...), each sample timing ``steps`` consecutive steps; the ratio reported is the
+A and B alternate (A B A B ...), each sample timing several consecutive steps; the ratio reported is the
 median over the pairs of samples, so a slow phase of a shared machine hits both sides alike. Throughput
 counts the matmul FLOPs of forward + backward (3x the forward's 2*B*in*out per linear layer) and is set
-against the float32 ``torch.mm`` peak measured in the same run.
+against the float32 ``torch.mm`` peak measured in the same run (best of 10, same threads).
+
+On a machine whose cores other jobs share, ``--threads 1`` gives the steadier numbers: with two OpenMP
+threads every parallel region waits for a descheduled partner (steps 5-15x slower, ratios meaningless).
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def step_flops(pair: Pair, batch_size: int) -> float:
     return 3.0 * sum(2.0 * batch_size * m.in_features * m.out_features for m in layers)
 
 
-def pyro_step(pair: Pair, validate: bool = False) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """The step of ``experiments.svi.fit`` (which validates on its first step only)."""
+def pyro_step(pair: Pair, before: bool = False) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """The step of ``experiments.svi.fit`` (which validates on its first step only); ``before``: the step as it
+    was before tuning (Pyro validation in every step)."""
     objective = pair.objective(make_elbo("trace"))
     optimizer = torch.optim.Adam(objective.parameters(), lr=LR)
     return lambda x, index: svi_step(objective, optimizer, (x,), index, NUM_POINTS, beta=1.0, clip_norm=CLIP_NORM,
-                                     validate=validate)
+                                     validate=before)
 
 
 def torch_step(pair: Pair) -> Callable[[torch.Tensor, torch.Tensor], float]:
@@ -100,22 +104,27 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def interleaved(steps: dict[str, Callable], x: torch.Tensor, samples: int, steps_per_sample: int,
-                warmup: int) -> dict[str, list[float]]:
-    """Seconds per step of each callable, alternating A B A B ...; every sample draws a fresh batch."""
+                warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per step of each callable, alternating A B A B ...
+
+    CPU time is the steadier measure on a shared machine when one thread is used (with several, threads
+    that spin while waiting for a descheduled partner inflate it)."""
     generator = torch.Generator().manual_seed(1)
     batch_size = x.shape[0]
     for step in steps.values():
         for _ in range(warmup):
             step(x, torch.randint(NUM_POINTS, (batch_size,), generator=generator))
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(samples):
         index = torch.randint(NUM_POINTS, (batch_size,), generator=generator)
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(steps_per_sample):
                 step(x, index)
-            times[name].append((time.perf_counter() - start) / steps_per_sample)
-    return times
+            wall[name].append((time.perf_counter() - start) / steps_per_sample)
+            cpu[name].append((time.process_time() - start_cpu) / steps_per_sample)
+    return wall, cpu
 
 
 def profile(step: Callable, x: torch.Tensor, rows: int = 25) -> None:
@@ -132,34 +141,42 @@ def profile(step: Callable, x: torch.Tensor, rows: int = 25) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
 
 
+def _median_ratio(times: dict[str, list[float]]) -> str:
+    ratios = [a / b for a, b in zip(times["pyro"], times["torch"], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.3f} (IQR {q1:.3f}-{q3:.3f})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: fewer samples")
-    parser.add_argument("--profile", action="store_true", help="cProfile the Pyro step at batch 128")
+    parser.add_argument("--profile", action="store_true", help="cProfile the Pyro step at the smallest batch")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
-    parser.add_argument("--pyro-validation", action="store_true",
-                        help="keep Pyro's validation checks on in every step (fit runs them on the first step only)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: what torch chose on this machine)")
+    parser.add_argument("--before", action="store_true",
+                        help="the step before tuning: Pyro validation on in every step")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}"
+          f"{', before tuning' if args.before else ''}")
     peak = matmul_gflops()
-    print(f"float32 torch.mm 2048^2 peak: {peak:.1f} GFLOP/s")
+    print(f"float32 torch.mm 2048x2048 peak: {peak:.1f} GFLOP/s")
     for batch_size in args.batch_sizes:
         pair = build_pair()
-        steps = {"pyro": pyro_step(pair, args.pyro_validation), "torch": torch_step(copy.deepcopy(pair))}
+        steps = {"pyro": pyro_step(pair, args.before), "torch": torch_step(copy.deepcopy(pair))}
         x = torch.bernoulli(torch.full((batch_size, X_DIM), 0.3))
-        per_sample = max(1, 4096 // batch_size)
-        samples = 8 if args.quick else 30
-        times = interleaved(steps, x, samples, per_sample, warmup=10 if args.quick else 30)
-        ratios = [a / b for a, b in zip(times["pyro"], times["torch"], strict=True)]
+        per_sample = max(1, (1024 if args.quick else 2048) // batch_size)
+        wall, cpu = interleaved(steps, x, samples=7 if args.quick else 21, steps_per_sample=per_sample,
+                                warmup=5 if args.quick else 20)
         flops = step_flops(pair, batch_size)
-        line = [f"batch {batch_size:5d}: median ratio pyro/torch {statistics.median(ratios):.3f} "
-                f"(IQR {statistics.quantiles(ratios, n=4)[0]:.3f}-{statistics.quantiles(ratios, n=4)[2]:.3f})"]
-        for name, t in times.items():
+        print(f"batch {batch_size}: median ratio pyro/torch, wall {_median_ratio(wall)}, cpu {_median_ratio(cpu)}")
+        for name, t in wall.items():
             sec = statistics.median(t)
             gflops = flops / sec / 1e9
-            line.append(f"{name} {sec * 1e3:.2f} ms/step {gflops:.1f} GFLOP/s ({100 * gflops / peak:.0f}% of peak)")
-        print("; ".join(line))
+            print(f"  {name:5s} {sec * 1e3:7.2f} ms/step (cpu {statistics.median(cpu[name]) * 1e3:7.2f} ms)  "
+                  f"{gflops:6.1f} GFLOP/s = {100 * gflops / peak:3.0f}% of peak")
         if args.profile and batch_size == min(args.batch_sizes):
             profile(steps["pyro"], x)
     print(f"float32 torch.mm peak after the run: {matmul_gflops():.1f} GFLOP/s")
