@@ -13,14 +13,14 @@ Facts checked on this machine: shared/notes/arviz-0.23.md.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from experiments.files import atomic_path
 
 warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
 import arviz as az  # noqa: E402
@@ -96,17 +96,9 @@ def to_inference_data(z_posterior: np.ndarray, z_prior: np.ndarray, log_lik: np.
 
 def write_netcdf(idata: az.InferenceData, path: str | Path) -> Path:
     """Write ``idata`` to ``path`` through a temporary file and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nc")
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        idata.to_netcdf(str(tmp))
+    return Path(path)
 
 
 def read_netcdf(path: str | Path) -> az.InferenceData:

@@ -75,6 +75,18 @@ def _format_table(metrics: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_string(index=False)
 
 
+SUMMARY_COLUMNS = {"log_lik": "log-lik", "elbo": "ELBO", "mean_kl": "mean KL", "mutual_info": "I(x;z)",
+                   "kl_qagg_p": "KL(qagg|p)", "kl_p_qagg": "KL(p|qagg)", "prior_hole_share": "holes",
+                   "active_units": "active", "khat_above": "khat>thr", "fd_prior": "FD p(z)",
+                   "fd_q_agg": "FD qagg", "fd_gmm": "FD GMM", "amortization_gap": "amort.gap"}
+
+
+def format_diagnostics(table: pd.DataFrame) -> str:
+    """The headline columns of diagnostics.csv as a terminal table (report.html explains every column)."""
+    shown = table[["variant", *[c for c in SUMMARY_COLUMNS if c in table.columns]]].rename(columns=SUMMARY_COLUMNS)
+    return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}")
+
+
 def command_run(args: argparse.Namespace) -> int:
     config = _resolve_config(args)
     data = load_run_data(config.data)  # bad data fails here, before anything is written
@@ -116,7 +128,7 @@ def command_run(args: argparse.Namespace) -> int:
 
         diagnostics = diagnose_run(run_dir, progress=not args.quiet)
         print(f"\nDiagnostics ({run_dir / 'diagnostics.csv'}, report: {run_dir / 'report.html'}):")
-        print(diagnostics.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print(format_diagnostics(diagnostics))
     print(f"\nwrote {run_dir}")
     return 0
 
@@ -133,7 +145,8 @@ def command_diagnose(args: argparse.Namespace) -> int:
     from experiments.diagnose import diagnose_run
 
     table = diagnose_run(args.run_dir, num_particles=args.particles, overwrite=args.overwrite, progress=not args.quiet)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(format_diagnostics(table))
+    print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in {Path(args.run_dir) / 'report.html'}")
     return 0
 
 

@@ -34,9 +34,15 @@ class Split:
         index = slice(None) if index is None else index
         return (self.x[index],) if self.y is None else (self.x[index], self.y[index])
 
+    def _map(self, fn) -> Split:
+        return Split(*(None if t is None else fn(t) for t in (self.x, self.y, self.labels)))
+
+    def subset(self, index: torch.Tensor | slice) -> Split:
+        """The points ``index`` of this split."""
+        return self._map(lambda t: t[index])
+
     def to(self, device: torch.device | str) -> Split:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Split(move(self.x), move(self.y), move(self.labels))
+        return self._map(lambda t: t.to(device))
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,6 @@ class Dataset:
     val: Split
     test: Split
     image_shape: tuple[int, int] | None = None
-    y_image_shape: tuple[int, int] | None = None
     dynamic_binarization: bool = False  # resample binary training pixels from grey values every batch
 
     @property
@@ -164,6 +169,5 @@ def quadrant_task(data: Dataset, visible: int = 1) -> Dataset:
         raise ValueError(f"the quadrant task needs image data; {data.name} has no image shape")
     mask = quadrant_masks(data.image_shape, visible)
     cut = lambda s: Split(s.x[:, mask], s.x[:, ~mask], s.labels)  # noqa: E731
-    h, w = data.image_shape
     return replace(data, name=f"{data.name}-quadrants{visible}", train=cut(data.train), val=cut(data.val),
-                   test=cut(data.test), y_image_shape=None)
+                   test=cut(data.test))

@@ -27,7 +27,7 @@ from experiments.aggregate import aggregate_diagnostics, posterior_components, p
 from experiments.amortization import amortization_gap
 from experiments.config import RunConfig
 from experiments.data import Dataset, quadrant_masks
-from experiments.files import write_csv, write_text
+from experiments.files import UMASK, write_csv, write_text
 from experiments.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
 from experiments.point_diagnostics import evaluation_guide, inference_arrays, point_diagnostics
 from experiments.registry import Pair, get_variant
@@ -226,6 +226,7 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
     num_particles = num_particles or config.eval.num_particles
     cache = Path(cache_dir) if cache_dir else run_dir.parent / ".vae-priors-cache"
     work = Path(tempfile.mkdtemp(dir=run_dir, prefix=".diagnostics-"))
+    work.chmod(0o777 & ~UMASK)  # mkdtemp creates 0700; the outputs are for people to read
     try:
         classifier, classifier_note = load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
         rows, sections, elpds, pairs = [], [], {}, {}
@@ -248,7 +249,7 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                 slug = "p-y-given-x" if "y" in target else "p-x"
                 comparisons.append(report.Plot(f"Held-out {target}", plots.compare(
                     lambda ax, c=comparison: arviz_adapter.plot_compare(c, ax), work / f"compare-{slug}.png",
-                    len(group), f"Held-out {target}, PSIS-smoothed importance sampling (higher is better)",
+                    len(group), f"Held-out {target}, PSIS-smoothed IS (higher is better)",
                     f"sum over the {len(data.plain.test)} test points of {target}"),
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))

@@ -72,6 +72,7 @@ def evaluate(pair: Pair, split: Split, num_particles: int = 1000, local_refit_st
     guide, note = pair.guide, ""
     if not getattr(guide, "amortized", True):
         guide = refit_local_guide(pair, split, local_refit_steps, seed=seed)
-        note = f"per-point guide refitted on the {len(split)} test points ({local_refit_steps} Adam steps, decoder frozen)"
+        note = (f"per-point guide refitted on the {len(split)} test points ({local_refit_steps} Adam steps, "
+                "decoder frozen)")
     pyro.set_rng_seed(seed)
     return Evaluation(log_weights(pair.model, guide, split.tensors(), num_particles), guide, note)

@@ -49,7 +49,8 @@ def _site_log_probs(model: nn.Module, guide: nn.Module, args: tuple, num_particl
                   if s["type"] == "sample" and not s["is_observed"] and n != "z"
                   and type(s["fn"]).__name__ != "_Subsample"]
     if unobserved:
-        raise ValueError(f"the model has latent sites {unobserved} besides 'z'; the contract allows one latent site 'z'")
+        raise ValueError(f"the model has latent sites {unobserved} besides 'z'; the contract allows one latent "
+                         "site 'z'")
     if "z" not in model_trace.nodes or "z" not in guide_trace.nodes:
         raise ValueError("model and guide must both have a sample site named 'z' (see the contract in the README)")
     shape = (num_particles, args[0].shape[0])

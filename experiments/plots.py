@@ -133,7 +133,7 @@ def image_rows(rows: dict[str, np.ndarray], image_shape: Sequence[int], path: st
 
 def compare(draw: Callable, path: str | Path, num_variants: int, title: str, xlabel: str) -> Path:
     """The ArviZ compare plot; ``draw(ax)`` is ``arviz_adapter.plot_compare`` bound to its table."""
-    fig = Figure(figsize=(7, 1 + 0.5 * num_variants), layout="constrained")
+    fig = Figure(figsize=(8, 1.5 + 0.5 * num_variants), layout="constrained")
     ax = fig.add_subplot()
     draw(ax)
     ax.set_title(title, fontsize=10)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyro
@@ -33,7 +33,8 @@ class RunData:
         if not conditional:
             return self.plain
         if self.quadrants is None:
-            raise ValueError(f"{self.plain.name} has no image shape, so conditional (quadrant) variants cannot run on it")
+            raise ValueError(f"{self.plain.name} has no image shape, so conditional (quadrant) variants cannot run "
+                             "on it; choose unconditional variants")
         return self.quadrants
 
 
@@ -50,10 +51,7 @@ def load_run_data(cfg: DataConfig) -> RunData:
     """Load, binarize, cut to ``max_train`` and validate the data of a run."""
     data = binarize(load_dataset(cfg), cfg.binarize)
     if cfg.max_train:
-        from dataclasses import replace
-
-        data = replace(data, train=data.train.__class__(*(None if t is None else t[: cfg.max_train] for t in (
-            data.train.x, data.train.y, data.train.labels))))
+        data = replace(data, train=data.train.subset(slice(0, cfg.max_train)))
     validate(data, cfg.likelihood)
     quadrants = quadrant_task(data, cfg.quadrants) if data.image_shape is not None else None
     return RunData(data, quadrants)
@@ -74,7 +72,8 @@ def save_pair(pair: Pair, path: Path) -> None:
 def load_run(run_dir: str | Path) -> tuple[RunConfig, RunData]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml); pass a directory `vae-priors run` wrote")
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml); pass a directory that "
+                                "`vae-priors run` wrote")
     config = configs.load(run_dir / "config.toml")
     return config, load_run_data(config.data)
 
