@@ -13,7 +13,9 @@ Facts checked on this machine: shared/notes/arviz-0.23.md.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,20 +134,30 @@ def compare(elpds: dict[str, az.ELPDData]) -> pd.DataFrame:
     sizes = {name: int(e["n_data_points"]) for name, e in elpds.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"variants were evaluated on different numbers of points {sizes}; use the same test split")
-    with warnings.catch_warnings():  # arviz 0.23 calls sort_values(inplace=True), deprecated in pandas 3.1
-        warnings.filterwarnings("ignore", message=r".*inplace keyword", category=Warning)
+    with _known_arviz_deprecations():
         return az.compare(elpds, ic="loo", scale=ELPD_SCALE)
+
+
+@contextlib.contextmanager
+def _known_arviz_deprecations() -> Iterator[None]:
+    """Silence two deprecations inside arviz 0.23 itself (pinned: pandas < 4, matplotlib < 3.13)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*inplace keyword", category=Warning)  # pandas 3.1
+        warnings.filterwarnings("ignore", message=r".*alias_mapping", category=Warning)  # matplotlib 3.11
+        yield
 
 
 def plot_compare(comparison: pd.DataFrame, ax):
     """``az.plot_compare`` on ``ax``, titled as what it is."""
-    ax = az.plot_compare(comparison, ax=ax, insample_dev=False)
+    with _known_arviz_deprecations():
+        ax = az.plot_compare(comparison, ax=ax, insample_dev=False)
     ax.set_title("held-out log p(x), PSIS-smoothed importance sampling (higher is better)")
     return ax
 
 
 def plot_khat(elpd: az.ELPDData, ax):
     """``az.plot_khat`` of one variant's per-point Pareto k-hat on ``ax``, with the good-k line."""
-    ax = az.plot_khat(elpd, ax=ax, show_hlines=True)
+    with _known_arviz_deprecations():
+        ax = az.plot_khat(elpd, ax=ax, show_hlines=True)
     ax.axhline(float(elpd["good_k"]), color="C3", linestyle="--", linewidth=1)
     return ax

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from experiments import config as configs
 from experiments.config import ConfigError, RunConfig
@@ -44,6 +45,9 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not config.variants:
         config.variants = list(VARIANTS)
+    configs.check(config)
+    if config.svi.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError('svi.device = "cuda" but torch sees no CUDA device; use device = "cpu"')
     for name in config.variants:
         try:
             get_variant(name)

@@ -109,9 +109,46 @@ def _check_type(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
+# Allowed values of the settings that name a choice, and ranges of numbers: checked before any work starts.
+CHOICES = {
+    ("data", "binarize"): ("none", "static", "dynamic"),
+    ("data", "likelihood"): ("bernoulli", "gaussian"),
+    ("data", "quadrants"): (1, 2, 3),
+    ("model", "exemplar_variance"): ("encoder", "shared"),
+    ("model", "exemplar_path"): ("auto", "exact", "scalable"),
+    ("svi", "objective"): ("trace", "meanfield", "iwae"),
+    ("svi", "device"): ("cpu", "cuda"),
+}
+POSITIVE = [("model", "latent_dim"), ("model", "num_pseudo_inputs"), ("svi", "num_particles"), ("svi", "epochs"),
+            ("svi", "batch_size"), ("svi", "lr"), ("svi", "clip_norm"), ("svi", "patience"),
+            ("eval", "num_particles")]
+
+
+def check(config: RunConfig) -> RunConfig:
+    """Raise a ``ConfigError`` naming the first setting whose value is not allowed."""
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key} = {value!r} is not allowed; choose one of "
+                              f"{', '.join(repr(a) for a in allowed)}")
+    for section, key in POSITIVE:
+        if not getattr(getattr(config, section), key) > 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {getattr(getattr(config, section), key)!r}")
+    if not config.model.hidden or min(config.model.hidden) <= 0:
+        raise ConfigError(f"model.hidden must list positive layer widths, got {config.model.hidden}")
+    if not 0.0 <= config.model.hybrid_alpha <= 1.0:
+        raise ConfigError(f"model.hybrid_alpha must be in [0, 1], got {config.model.hybrid_alpha}")
+    for key in ("warmup_epochs",):
+        if getattr(config.svi, key) < 0:
+            raise ConfigError(f"svi.{key} must be >= 0, got {getattr(config.svi, key)}")
+    if config.data.max_train < 0 or config.eval.local_refit_steps < 0:
+        raise ConfigError("data.max_train and eval.local_refit_steps must be >= 0")
+    return config
+
+
 def from_dict(values: dict[str, Any]) -> RunConfig:
-    """A ``RunConfig`` from nested dicts (the parsed TOML); unknown keys and wrong types are errors."""
-    return _build(RunConfig, values, "")
+    """A ``RunConfig`` from nested dicts (the parsed TOML); unknown keys, wrong types and values are errors."""
+    return check(_build(RunConfig, values, ""))
 
 
 def load(path: str | Path) -> RunConfig:

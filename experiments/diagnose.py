@@ -148,13 +148,15 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
     else:  # the model's own "z" site, cheap even for a leave-one-out mixture prior
         z_p = PriorSampler(pair.model, dataset.x_dim).sample(PLOT_DRAWS, seed + 1)
     prior_label = "p_agg(z) = 1/N sum_n p(z|x_n)" if spec.conditional else "p(z)"
+    elpd = arviz_adapter.elpd_data(points.log_lik_psis, points.khat, num_particles)
     figures = [
         report.Plot("Marginals", plots.marginals(z_q, z_p, work / f"{name}-marginals.png"),
                     f"each latent dimension: q_agg(z) over the {len(dataset.train)} training encodings vs "
                     f"{prior_label}"),
         report.Plot("2-D view", plots.latent_2d(z_q, z_p, work / f"{name}-latent2d.png"),
                     f"{PLOT_DRAWS} draws each from q_agg and {prior_label}"),
-        report.Plot("Pareto k-hat", plots.khat(points.khat, threshold, work / f"{name}-khat.png"),
+        report.Plot("Pareto k-hat", plots.khat(lambda ax: arviz_adapter.plot_khat(elpd, ax), work / f"{name}-khat.png",
+                                               row["khat_above"], threshold),
                     f"per test point, {num_particles} importance draws from q; above the line the estimate is "
                     "unreliable"),
     ]
@@ -173,7 +175,7 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
     if agg.collapsed_dims:
         notes.append(f"collapsed dimensions (mean KL < 0.01 nats): {agg.collapsed_dims}")
     section = report.VariantSection(name, spec.description, figures, notes)
-    return row, section, arviz_adapter.elpd_data(points.log_lik_psis, points.khat, num_particles), pair
+    return row, section, elpd, pair
 
 
 def _se(values) -> float:

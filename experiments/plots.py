@@ -87,18 +87,13 @@ def kl_per_dim(kl: np.ndarray, path: str | Path, active: np.ndarray | None = Non
     return save_figure(fig, path)
 
 
-def khat(values: np.ndarray, threshold: float, path: str | Path) -> Path:
-    """Pareto k-hat of each test point's importance weights with the reliability threshold."""
-    values = _np(values)
+def khat(draw: Callable, path: str | Path, share_above: float, threshold: float) -> Path:
+    """``az.plot_khat`` of one variant; ``draw(ax)`` is ``arviz_adapter.plot_khat`` bound to its ELPD data."""
     fig = Figure(figsize=(6, 3), layout="constrained")
     ax = fig.add_subplot()
-    bad = values > threshold
-    ax.scatter(np.flatnonzero(~bad), values[~bad], s=6, color=QAGG_COLOR)
-    ax.scatter(np.flatnonzero(bad), values[bad], s=6, color="tab:red")
-    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:.2f}")
-    ax.set_xlabel("test point"), ax.set_ylabel("Pareto k-hat")
-    ax.set_title(f"k-hat per point: {bad.mean():.1%} above threshold")
-    ax.legend(fontsize=8)
+    draw(ax)
+    ax.set_xlabel("test point")
+    ax.set_title(f"Pareto k-hat per point: {share_above:.1%} above {threshold:.2f}", fontsize=10)
     return save_figure(fig, path)
 
 

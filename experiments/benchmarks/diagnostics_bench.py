@@ -4,32 +4,38 @@
 
 A ``vae`` pair (784 -> 300-300 -> 40, Bernoulli) with untrained weights on random binary images: the cost does
 not depend on the values. Stages: log weights (decoder passes), PSIS, per-point KL, aggregate (surgery, reverse KL,
-prior hole) -- the last two include tracing the guide and the model once more.
+prior hole) -- the last two include tracing the guide and the model once more --, sampling (the ex-post
+GMM fit and decoding ``--generated`` samples from p(z), q_agg and the GMM) and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from experiments import arviz_adapter
+from experiments import arviz_adapter, plots
 from experiments.aggregate import aggregate_diagnostics, point_kl, posterior_components, prior_components
 from experiments.config import ModelConfig
 from experiments.data import Dataset, Split
+from experiments.generation import generate, latent_samplers
 from experiments.log_weights import log_weights
 from experiments.registry import get_variant
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=10_000)
     parser.add_argument("--particles", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=10_000, help="Monte Carlo draws from q_agg and p each")
+    parser.add_argument("--generated", type=int, default=1000, help="decoded samples per generation source")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.full((args.points, 784), 0.3), generator=g)
@@ -55,6 +61,25 @@ def main() -> None:
     start = time.perf_counter()
     result = aggregate_diagnostics(pair, split, args.samples, seed=0)
     times["aggregate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        samplers = latent_samplers(pair.model, q, x.shape[1], seed=0)  # includes the ex-post GMM fit
+        samples = generate(pair.model, samplers, x.shape[1], args.generated, seed=0)
+    times["sampling"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        z_q, z_p = samplers["q_agg"].sample(2000, 0), samplers["prior"].sample(2000, 0)
+        plots.marginals(z_q, z_p, Path(out) / "marginals.png")
+        plots.latent_2d(z_q, z_p, Path(out) / "latent2d.png")
+        threshold = arviz_adapter.khat_threshold(args.particles)
+        log_lik = np.logaddexp.reduce(smoothed, axis=1) - math.log(args.particles)
+        elpd = arviz_adapter.elpd_data(log_lik, khat, args.particles)
+        plots.khat(lambda ax: arviz_adapter.plot_khat(elpd, ax), Path(out) / "khat.png", (khat > threshold).mean(),
+                   threshold)
+        plots.image_rows({k: v.mean[:12] for k, v in samples.items()}, (28, 28), Path(out) / "samples.png")
+    times["plots"] = time.perf_counter() - start
 
     print(f"{args.points} points x {args.particles} particles, {args.samples} aggregate draws, "
           f"{torch.get_num_threads()} threads")

@@ -97,7 +97,7 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
             print(f"{n:>6} {name:<9} {1e3 * med:>10.1f} {med / base:>7.2f} {amortized:>15.2f} {extra}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="binarized_mnist.npz (arrays train/valid/test)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--exact-reps", type=int, default=3, help="timed exact-path steps when N > 10000 (slow)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass --data PATH/binarized_mnist.npz")
     run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed)

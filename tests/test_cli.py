@@ -1,0 +1,101 @@
+"""The ``vae-priors`` command through a subprocess: list, run (+ diagnose), and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.registry import VARIANTS
+
+TINY = """
+seed = 1
+variants = ["vae", "vae-local-guide", "cvae"]
+[data]
+max_train = 150
+[model]
+latent_dim = 2
+hidden = [16]
+[svi]
+epochs = 2
+batch_size = 50
+[eval]
+num_particles = 20
+local_refit_steps = 5
+"""
+
+
+def vae_priors(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache")}
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_list_prints_every_registered_variant(tmp_path):
+    result = vae_priors("list", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert listed == list(VARIANTS)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / "tiny.toml").write_text(TINY)
+    return cwd, vae_priors("run", "tiny.toml", "--out", "run", "--quiet", cwd=cwd)
+
+
+def test_run_trains_evaluates_diagnoses_and_writes_the_run_directory(tiny_run):
+    cwd, result = tiny_run
+    assert result.returncode == 0, result.stderr
+    run = cwd / "run"
+    for name in ("config.toml", "history.csv", "metrics.csv", "diagnostics.csv", "report.html"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.variant) == ["vae", "vae-local-guide", "cvae"]
+    assert metrics.test_log_lik.notna().all() and (metrics.test_log_lik < 0).all()
+    assert (pd.read_csv(run / "history.csv").groupby("variant").size() == 2).all()
+    for variant in metrics.variant:
+        assert (run / "pairs" / f"{variant}.pt").is_file() and (run / "checkpoints" / f"{variant}.pt").is_file()
+    assert "test log-lik (IS)" in result.stdout and "I(x;z)" in result.stdout
+
+
+def test_run_refuses_an_existing_run_directory_and_changes_nothing(tiny_run):
+    cwd, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in (cwd / "run").rglob("*")}
+    result = vae_priors("run", "tiny.toml", "--out", "run", "--quiet", cwd=cwd)
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--out" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in (cwd / "run").rglob("*")} == before
+
+
+def test_diagnose_refuses_to_overwrite_without_the_flag(tiny_run):
+    cwd, _ = tiny_run
+    result = vae_priors("diagnose", "run", "--quiet", cwd=cwd)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[svi]\nlearning_rate = 1\n", "unknown key svi.'learning_rate'"),
+    ("variants = [\"vae\", \"no-such-variant\"]\n", "unknown variant 'no-such-variant'"),
+    ("[data]\nname = \"mnist\"\npath = \"does/not/exist\"\n", "does/not/exist"),
+    ("[data]\nlikelihood = \"poisson\"\n", "data.likelihood = 'poisson' is not allowed; choose one of"),
+    ("[svi]\nobjective = \"elbo\"\n", "svi.objective = 'elbo' is not allowed"),
+    ("[svi]\nepochs = 0\n", "svi.epochs must be > 0"),
+])
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, config, message):
+    (tmp_path / "bad.toml").write_text(config)
+    result = vae_priors("run", "bad.toml", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_diagnose_on_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
+    result = vae_priors("diagnose", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "not a run directory" in result.stderr
