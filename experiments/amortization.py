@@ -16,10 +16,10 @@ import math
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO
 
 from experiments.aggregate import posterior_components
 from experiments.data import Split
+from experiments.evaluation import fit_guide_frozen_model
 from experiments.log_weights import log_weights
 from experiments.registry import Pair
 from guides.local_normal import LocalNormalGuide
@@ -35,21 +35,7 @@ def fit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed
     with torch.no_grad():
         local.loc.copy_(q.base_dist.loc)
         local.raw_scale.copy_((q.base_dist.scale - 1e-3).clamp_min(1e-6).expm1().log())  # inverse of softplus + 1e-3
-    frozen = [p for p in pair.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        pyro.set_rng_seed(seed)
-        loss_fn = Trace_ELBO()(pair.model, local)
-        optimizer = torch.optim.Adam(local.parameters(), lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            (loss_fn(*split.tensors()) / len(split)).backward()
-            optimizer.step()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return local
+    return fit_guide_frozen_model(pair.model, local, split, steps, lr, seed)
 
 
 def amortization_gap(pair: Pair, split: Split, steps: int, num_particles: int = 1000,

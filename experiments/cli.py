@@ -130,7 +130,7 @@ def command_run(args: argparse.Namespace) -> int:
     if config.diagnose and not args.no_diagnose:
         from experiments.diagnose import diagnose_run
 
-        diagnostics = diagnose_run(run_dir, progress=not args.quiet)
+        diagnostics = diagnose_run(run_dir, progress=not args.quiet and sys.stderr.isatty())
         print(f"\nDiagnostics ({run_dir / 'diagnostics.csv'}, report: {run_dir / 'report.html'}):")
         print(format_diagnostics(diagnostics))
     print(f"\nwrote {run_dir}")
@@ -148,7 +148,8 @@ def command_list(args: argparse.Namespace) -> int:
 def command_diagnose(args: argparse.Namespace) -> int:
     from experiments.diagnose import diagnose_run
 
-    table = diagnose_run(args.run_dir, num_particles=args.particles, overwrite=args.overwrite, progress=not args.quiet)
+    progress = not args.quiet and sys.stderr.isatty()
+    table = diagnose_run(args.run_dir, num_particles=args.particles, overwrite=args.overwrite, progress=progress)
     print(format_diagnostics(table))
     print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in {Path(args.run_dir) / 'report.html'}")
     return 0

@@ -45,16 +45,16 @@ class Evaluation:
                 "test_log_lik": ll.mean().item(), "test_log_lik_se": se(ll)}
 
 
-def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 5e-2, seed: int = 0) -> nn.Module:
-    """Fit a fresh per-point guide on ``split`` (full batch, Adam) with the model frozen; returns the fitted guide."""
-    guide = pair.guide.for_new_points(len(split))
-    frozen = [p for p in pair.model.parameters() if p.requires_grad]
+def fit_guide_frozen_model(model: nn.Module, guide: nn.Module, split: Split, steps: int, lr: float = 5e-2,
+                           seed: int = 0) -> nn.Module:
+    """Maximize the ELBO on ``split`` (full batch, Adam) over ``guide``'s parameters only; the model stays fixed."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
         with torch.enable_grad():  # callers may hold no_grad (the diagnostics do); fitting needs gradients
             pyro.set_rng_seed(seed)
-            loss_fn = Trace_ELBO()(pair.model, guide)
+            loss_fn = Trace_ELBO()(model, guide)
             optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
             for _ in range(steps):
                 optimizer.zero_grad()
@@ -64,6 +64,11 @@ def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 5e-2, se
         for p in frozen:
             p.requires_grad_(True)
     return guide
+
+
+def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 5e-2, seed: int = 0) -> nn.Module:
+    """Fit a fresh per-point guide on ``split`` with the model frozen; returns the fitted guide."""
+    return fit_guide_frozen_model(pair.model, pair.guide.for_new_points(len(split)), split, steps, lr, seed)
 
 
 def evaluate(pair: Pair, split: Split, num_particles: int = 1000, local_refit_steps: int = 500,
