@@ -123,7 +123,7 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
     val = data.val.to(device)
     n = len(train)
     objective = pair.objective(make_elbo(config.objective, config.num_particles)).to(device)
-    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, foreach=True)  # CPU default is a per-tensor loop
     monitor = "val_elbo" if getattr(pair.guide, "amortized", True) else "train_elbo"
     state = {"epoch": 0, "best_elbo": -math.inf, "best_epoch": -1, "wait": 0, "best_state": None, "history": []}
     checkpoint = Path(checkpoint) if checkpoint else None

@@ -63,7 +63,7 @@ def pyro_step(pair: Pair, before: bool = False) -> Callable[[torch.Tensor, torch
     """The step of ``experiments.svi.fit`` (which validates on its first step only); ``before``: the step as it
     was before tuning (Pyro validation in every step)."""
     objective = pair.objective(make_elbo("trace"))
-    optimizer = torch.optim.Adam(objective.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=LR, foreach=True)  # as experiments.svi.fit
     return lambda x, index: svi_step(objective, optimizer, (x,), index, NUM_POINTS, beta=1.0, clip_norm=CLIP_NORM,
                                      validate=before)
 
@@ -72,7 +72,7 @@ def torch_step(pair: Pair) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """The same estimator written out: encoder, reparameterized draw, decoder, the three log-densities."""
     encoder, decoder = pair.guide.net, pair.model.decoder
     params = list(encoder.parameters()) + list(decoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=LR)
+    optimizer = torch.optim.Adam(params, lr=LR, foreach=True)
     half_log_2pi = 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
 
     def step(x: torch.Tensor, index: torch.Tensor) -> float:
