@@ -39,7 +39,7 @@ def _parts(d: Distribution) -> tuple[type, dict, dict]:
     """(class, batch-leading arguments, fixed arguments) that rebuild ``d``; raises for unknown families."""
     if isinstance(d, Independent):
         return type(d), {"base_distribution": d.base_dist}, {"reinterpreted_batch_ndims": d.reinterpreted_batch_ndims}
-    if hasattr(d, "point_logits"):  # models.mixture_priors.GaussianMixture: K components shared by the batch
+    if hasattr(d, "point_logits"):  # models.mixture_distributions.GaussianMixture: K components shared by the batch
         logits = d.point_logits.expand(d.batch_shape + d.point_logits.shape[-1:])
         return type(d), {"logits": logits}, {"loc": d.loc, "scale": d.scale, "max_elements": d.max_elements}
     if isinstance(d, MixtureSameFamily):

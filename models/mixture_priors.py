@@ -10,84 +10,19 @@ Both are p(z) = sum_k w_k q(z | u_k), with q(z|.) = N(mu(.), diag sigma(.)^2) th
   encoder's own variances it is the aggregated posterior q_agg(z) = 1/N sum_n q(z|x_n); with
   ``variance="shared"`` the components are N(mu(x_n), s^2 I) with one learned s, as in the Exemplar VAE.
 
-Memory: the (queries x K) log-density matrix is built with the Gaussian quadratic expansion
-sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2 (two matrix products), in
-chunks of at most ``max_elements`` entries; no queries x K x latent tensor is ever formed. The expansion loses
-float32 precision when |z|, |m| >> s (about eps * m^2/s^2 nats); tests bound it against float64.
+Memory: the mixtures (``models/mixture_distributions.py``) evaluate their log-density in bounded chunks; no
+queries x K x latent tensor is ever formed.
 """
 
 from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-DEFAULT_MAX_ELEMENTS = 2**22  # entries of one (queries x components) chunk: 16 MB of float32
-
-
-def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """log N(z_q; loc_k, diag scale_k^2) for every query q (Q, D) and component k (K, D): shape (Q, K)."""
-    dtype = torch.promote_types(z.dtype, loc.dtype)  # float64 queries (diagnostics) against float32 encodings
-    z, loc, scale = z.to(dtype), loc.to(dtype), scale.to(dtype)
-    precision = scale.pow(-2)
-    quad = (z * z) @ precision.T - 2.0 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)
-    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-    return -0.5 * quad.clamp_min(0.0) - log_norm
-
-
-class GaussianMixture(dist.MixtureSameFamily):
-    """sum_k softmax(logits_b)_k N(z; loc_k, diag scale_k^2): K diagonal Gaussians shared by the whole batch,
-    with per-point mixture logits (batch shape (B,), event shape (D,)).
-
-    :param logits: (B, K) mixture logits; -inf drops a component for that point (leave-one-out).
-    :param loc: (K, D) component means; ``scale``: (K, D) standard deviations (may be an expanded view).
-    ``log_prob`` works in chunks of ``max_elements`` (queries x K) entries; ``sample`` gathers one component per
-    draw instead of sampling all K (torch's ``MixtureSameFamily.sample`` would).
-    """
-
-    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None):
-        if logits.dim() != 2 or loc.dim() != 2 or logits.shape[-1] != loc.shape[0] or scale.shape != loc.shape:
-            raise ValueError(f"GaussianMixture needs logits (B, K), loc and scale (K, D); got {tuple(logits.shape)}, "
-                             f"{tuple(loc.shape)}, {tuple(scale.shape)}")
-        self.loc, self.scale, self.max_elements = loc, scale, max_elements
-        self.point_logits = logits  # (B, K): varies along the last batch dim only
-        batch = logits.shape[:1] + loc.shape[:1]
-        # validate_args=False: a check of the expanded (B, K, D) view would materialize it
-        components = dist.Normal(loc.expand(batch + loc.shape[1:]), scale.expand(batch + loc.shape[1:]),
-                                 validate_args=False).to_event(1)
-        super().__init__(dist.Categorical(logits=logits), components, validate_args=validate_args)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(GaussianMixture, _instance)
-        new.loc, new.scale, new.max_elements = self.loc, self.scale, self.max_elements
-        new.point_logits = self.point_logits
-        return super().expand(batch_shape, _instance=new)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        queries = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])
-        num_points, num_components = self.point_logits.shape
-        if shape[-1] != num_points and num_points != 1:
-            raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
-        log_w = self.point_logits - self.point_logits.logsumexp(-1, keepdim=True)
-        step = max(1, self.max_elements // num_components)
-        out = []
-        for start in range(0, queries.shape[0], step):
-            rows = torch.arange(start, min(start + step, queries.shape[0]), device=queries.device)
-            dens = gaussian_log_density_matrix(queries[rows], self.loc, self.scale)
-            out.append((dens + log_w[rows % num_points]).logsumexp(-1))  # last batch dim varies fastest
-        return torch.cat(out).reshape(shape)
-
-    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        with torch.no_grad():
-            k = self.mixture_distribution.sample(torch.Size(sample_shape))
-            return torch.normal(self.loc[k], self.scale[k])
+from models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 
 
 class _MixtureOfPosteriors(nn.Module):
@@ -157,22 +92,26 @@ class ExemplarPrior(_MixtureOfPosteriors):
     1. cache: (mu_m, sigma_m) of all exemplars, computed without gradients and refreshed after every
        ``refresh_points`` scored points (default N: once per epoch);
     2. head: for each training point n a table of its k nearest exemplars in the cache (Euclidean distance
-       between cached means), refined at every visit and at every refresh by one NN-descent step over
-       {current neighbours, their neighbours, a random subset S} (Dong et al. 2011);
-    3. the step's mixture for point n is  sum_{m in head_n} 1/(N-1) r_m(z)
-       + (N-1-k)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S_n = S minus head_n and n, a uniform random
-       subset of size ~M standing for the other N-1-k exemplars. Its weights sum to 1; given the cache it is
-       an unbiased estimate of the leave-one-out mixture density p(z) (biased low in log space).
+       between cached means), refined at every refresh by one NN-descent step over {current neighbours,
+       their neighbours, the k nearest of a random subset} (Dong et al. 2011), and after every visit by
+       merging in the k nearest of that step's tail draws (for later visits; the step itself uses the old head);
+    3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
+       + (N-1-k)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
+       the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
+       the other N-1-k exemplars, so the tail mean is unbiased for theirs. Its weights sum to 1; given the
+       cache it is an unbiased estimate of the leave-one-out mixture density (biased low in log space).
+       With M >= N the tail is all N exemplars instead, and the mixture is exact given the cache.
 
     Approximations: cached components are up to one refresh period stale; gradients reach the encoder
     through z and the shared scale but not through the cached exemplars; the head holds approximate
     neighbours. ``experiments/benchmarks/mixture_prior_bench.py`` measures the resulting error in nats per
-    point against the exact leave-one-out log-density. Per step it costs O(B (k^2 + M) D), independent of N.
+    point against the exact leave-one-out log-density, right after a refresh and 100 steps past one. Per step it
+    costs O(B (k + M) D), independent of N; a refresh costs N encoder passes and O(N (k^2 + M) D).
     """
 
     def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
                  neighbors: int = 10, subset: int = 1024, refresh_points: int = 0,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS):
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -185,7 +124,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
             raise ValueError(f"the scalable exemplar path needs 1 <= neighbors and neighbors + 2 <= subset <= N; got "
                              f"neighbors={neighbors}, subset={subset}, N={n}: lower them or use path=\"exact\"")
         self.variance, self.path = variance, path
-        self.neighbors, self.subset = neighbors, subset
+        self.neighbors, self.subset, self.refine = neighbors, subset, refine
         self.refresh_points = refresh_points or n
         self.register_buffer("train_x", train_x, persistent=False)  # rebuilt from the data, not checkpointed
         if variance == "shared":
@@ -226,42 +165,77 @@ class ExemplarPrior(_MixtureOfPosteriors):
         x, n, k = self.train_x, self.num_exemplars, self.neighbors
         parts = [self.guide.encode(x[i : i + 4096]).base_dist for i in range(0, n, 4096)]
         self._loc, self._scale = torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
+        self._sq_norm = self._loc.pow(2).sum(-1)
         if self._table is None or self._table.device != x.device:
             # k distinct neighbours other than the point itself: n + 1 + ((r_n + j) mod (N-1)) mod N
             offset = torch.randint(0, n - 1, (n, 1), device=x.device) + torch.arange(k, device=x.device)
             self._table = (torch.arange(n, device=x.device)[:, None] + 1 + offset % (n - 1)) % n
         for chunk in torch.arange(n, device=x.device).split(1024):
-            self._update_neighbors(chunk, torch.randperm(n, device=x.device)[: self.subset])
+            self._update_neighbors(chunk, torch.randint(0, n, (self.subset,), device=x.device))
         self._seen = 0
 
     @torch.no_grad()
     def _update_neighbors(self, index: torch.Tensor, subset: torch.Tensor) -> None:
-        """One NN-descent step for the points ``index``: keep the k nearest of neighbours, their neighbours, S."""
-        k, mine = self.neighbors, self._table[index]
+        """One NN-descent step for the points ``index``: keep the k nearest of their neighbours, the neighbours'
+        neighbours and the k nearest of the random exemplars ``subset``."""
+        mine = self._table[index]
         local = torch.cat([mine, self._table[mine].flatten(1)], dim=1)  # (B, k + k^2)
-        query, loc_s = self._loc[index], self._loc[subset]
-        d2_local = (query[:, None, :] - self._loc[local]).pow(2).sum(-1)
-        d2_subset = (query * query).sum(-1, keepdim=True) - 2 * query @ loc_s.T + (loc_s * loc_s).sum(-1)
-        pool = torch.cat([local, subset.expand(index.shape[0], -1)], dim=1)
-        d2 = torch.cat([d2_local, d2_subset], dim=1).masked_fill(pool == index[:, None], math.inf)
+        near = self._squared_distances(index, subset).topk(self.neighbors, dim=1, largest=False)
+        self._keep_nearest(index, torch.cat([local, subset[near.indices]], 1),
+                           torch.cat([self._squared_distances(index, local), near.values], 1))
+
+    def _squared_distances(self, index: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """|mu_n - mu_m|^2 between cached means by the quadratic expansion: (B, M) for ``other`` (M,) shared by the
+        batch, (B, L) for ``other`` (B, L) per point."""
+        query = self._loc[index]
+        if other.dim() == 1:
+            cross = query @ self._loc[other].T
+        else:
+            cross = torch.bmm(self._loc[other], query[:, :, None]).squeeze(-1)
+        return self._sq_norm[index][:, None] - 2 * cross + self._sq_norm[other]
+
+    def _keep_nearest(self, index: torch.Tensor, pool: torch.Tensor, d2: torch.Tensor) -> None:
+        """Set each point's table row to the k nearest distinct exemplars (other than itself) in ``pool``."""
+        d2 = d2.masked_fill(pool == index[:, None], math.inf)
         ids, order = pool.sort(dim=1)
         d2 = d2.gather(1, order)
         d2[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], math.inf)  # each exemplar counted once
-        self._table[index] = ids.gather(1, d2.topk(k, dim=1, largest=False).indices)
+        self._table[index] = ids.gather(1, d2.topk(self.neighbors, dim=1, largest=False).indices)
 
-    def _scalable_mixture(self, index: torch.Tensor) -> GaussianMixture:
+    def _scalable_mixture(self, index: torch.Tensor) -> HeadTailMixture:
         n, k, b = self.num_exemplars, self.neighbors, index.shape[0]
         if self._loc is None or self._seen >= self.refresh_points or self._loc.device != self.train_x.device:
             self.refresh()
         self._seen += b
-        subset = torch.randperm(n, device=index.device)[: self.subset]
-        self._update_neighbors(index, subset)
-        head = self._table[index]  # (B, k)
-        in_tail = (subset != index[:, None]) & ~(subset[None, :, None] == head[:, None, :]).any(-1)  # (B, M)
-        components, inverse = torch.unique(torch.cat([head.flatten(), subset]), return_inverse=True)
-        log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).log()
-        logits = torch.full((b, components.shape[0]), -math.inf, device=index.device)
-        logits[:, inverse[head.numel():]] = torch.where(in_tail, log_tail, -math.inf)
-        logits.scatter_(1, inverse[: head.numel()].view(b, k), -math.log(n - 1))
-        return GaussianMixture(logits, self._loc[components], self._component_scale(self._scale[components]),
-                               self.max_elements)
+        # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
+        # uniform over the other N-1-k exemplars and their mean is unbiased for the tail's mean density
+        if self.subset >= n:
+            tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
+        else:
+            tail = torch.randint(0, n, (self.subset,), device=index.device)
+        head = self._table[index]  # (B, k), fixed before this step's draws
+        tail = tail.sort().values
+        in_tail = self._not_in(tail, torch.cat([index[:, None], head], 1))
+        log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+        tail_logits = torch.where(in_tail, log_tail, -math.inf)
+        if self.refine and self.subset < n:
+            self._refine_neighbors(index, head, tail)
+        scale = self._component_scale(self._scale)
+        return HeadTailMixture(self._loc.new_full((b, k), -math.log(n - 1)), self._loc[head], scale[head],
+                               tail_logits, self._loc[tail], scale[tail], self.max_elements)
+
+    @staticmethod
+    def _not_in(sorted_ids: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+        """(B, M) mask: sorted_ids[m] not in excluded[b] (B, E), via the ranges of equal ids found by bisection."""
+        bounds = torch.stack([torch.searchsorted(sorted_ids, excluded, right=r) for r in (False, True)])  # (2, B, E)
+        steps = torch.zeros(excluded.shape[0], sorted_ids.shape[0] + 1, dtype=torch.int32, device=excluded.device)
+        steps.scatter_add_(1, bounds[0], torch.ones_like(bounds[0], dtype=torch.int32))  # +1 where a range opens,
+        steps.scatter_add_(1, bounds[1], torch.full_like(bounds[1], -1, dtype=torch.int32))  # -1 where it closes
+        return steps.cumsum(1)[:, :-1] == 0
+
+    @torch.no_grad()
+    def _refine_neighbors(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor) -> None:
+        """Cheap per-visit refinement: merge head_n with the k tail draws nearest to mu_n (for later visits)."""
+        near = self._squared_distances(index, tail).topk(self.neighbors, dim=1, largest=False)
+        self._keep_nearest(index, torch.cat([head, tail[near.indices]], 1),
+                           torch.cat([self._squared_distances(index, head), near.values], 1))

@@ -18,7 +18,8 @@ from experiments.log_weights import log_weights
 from experiments.registry import get_variant
 from experiments.svi import fit, mean_elbo
 from guides.amortized_normal import AmortizedNormalGuide
-from models.mixture_priors import ExemplarPrior, GaussianMixture, VampPrior
+from models.mixture_distributions import GaussianMixture, HeadTailMixture
+from models.mixture_priors import ExemplarPrior, VampPrior
 
 
 class LinearEncoder(nn.Module):
@@ -67,6 +68,33 @@ def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol):
                                    atol=tol, rtol=0)
     # under a particle plate Pyro expands the distribution to (S, B): same values
     torch.testing.assert_close(mixture.expand((s, b)).log_prob(z), got)
+
+
+def test_head_tail_mixture_log_prob_equals_float64_brute_force_over_per_point_components():
+    gen = torch.Generator().manual_seed(1)
+    b, k, m, d, s = 3, 2, 5, 3, 4
+    head_logits, tail_logits = torch.randn(b, k, generator=gen), torch.randn(b, m, generator=gen)
+    tail_logits[1, 3] = -math.inf
+    head_loc, tail_loc = 2 * torch.randn(b, k, d, generator=gen), 2 * torch.randn(m, d, generator=gen)
+    head_scale, tail_scale = 0.3 + torch.rand(b, k, d, generator=gen), 0.3 + torch.rand(m, d, generator=gen)
+    mixture = HeadTailMixture(head_logits, head_loc, head_scale, tail_logits, tail_loc, tail_scale, max_elements=2 * m)
+    z = 2 * torch.randn(s, b, d, generator=gen)
+    got = mixture.log_prob(z)
+    assert got.shape == (s, b) and isinstance(mixture, dist.MixtureSameFamily)
+    log_w = torch.cat([head_logits, tail_logits], -1).log_softmax(-1)
+    for p in range(b):  # point p's components: its own head, then the shared tail
+        loc, scale = torch.cat([head_loc[p], tail_loc]), torch.cat([head_scale[p], tail_scale])
+        want = brute_force_mixture(z[:, p], log_w[p].expand(s, -1), loc, scale)
+        torch.testing.assert_close(got[:, p].double(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixture.expand((s, b)).log_prob(z), got)
+    assert mixture.sample((7,)).shape == (7, b, d)
+
+
+def test_scalable_tail_mask_drops_exactly_the_point_and_its_head():
+    tail = torch.tensor([0, 2, 2, 5, 7, 7, 9])
+    excluded = torch.tensor([[2, 9], [7, 1], [3, 4]])
+    brute = torch.tensor([[t not in row for t in tail.tolist()] for row in excluded.tolist()])
+    assert torch.equal(ExemplarPrior._not_in(tail, excluded), brute)
 
 
 def test_gaussian_mixture_samples_follow_the_mixture_weights():

@@ -4,8 +4,11 @@ scalable path's log-density error, on binarized MNIST (784-dim binary input, 300
 For each N in ``--sizes`` the three pairs take SVI steps in turn (vae, exact, scalable, vae, ...), each step
 timed alone; the table gives median step times, their ratios to the ``vae`` step, and the ratio with the
 scalable path's cache refresh (timed separately) spread over the steps of an epoch. The error is the
-scalable log p(z) minus the exact leave-one-out log p(z), for z ~ q(z|x_n) on one batch, after the timed
-steps (nats per point: mean absolute value and mean).
+scalable log p(z) minus the exact leave-one-out log p(z) from the current encoder, for z ~ q(z|x_n) on
+``--error-points`` training points (nats per point: mean absolute value and mean), in two settings: "fresh",
+right after a refresh, and "stale", after ``--stale-steps`` further training steps without a refresh (the
+cache is then as old as it gets within an epoch of that many steps). The stale error is also printed
+against the tail size M (``--error-subsets``), on the same cache.
 
     python -m experiments.benchmarks.mixture_prior_bench --data ../shared/data/binarized_mnist/binarized_mnist.npz
 """
@@ -51,21 +54,47 @@ def make_step(pair, x: torch.Tensor, batch_size: int, seed: int):
 
 
 @torch.no_grad()
-def scalable_error(prior, x: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def scalable_error(prior, x: torch.Tensor, num_points: int, seed: int) -> tuple[float, float]:
     """Mean |error| and mean error (nats per point) of the scalable log p(z) against the exact one."""
-    index = torch.randperm(x.shape[0])[:batch_size]
+    torch.manual_seed(seed)
+    index = torch.randperm(x.shape[0])[:num_points]
     z = prior.guide.encode(x[index]).sample()
-    error = prior(index).log_prob(z) - prior.mixture(index).log_prob(z)
+    scalable = torch.cat([prior(index[i : i + 128]).log_prob(z[i : i + 128]) for i in range(0, num_points, 128)])
+    error = scalable - prior.mixture(index).log_prob(z)
     return error.abs().mean().item(), error.mean().item()
 
 
-def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_size: int, seed: int) -> None:
+def errors_by_subset(prior, x: torch.Tensor, subsets: list[int], num_points: int,
+                     seed: int) -> dict[int, tuple[float, float]]:
+    """Errors by tail size M, on the current cache (no refresh happens while they are measured)."""
+    refresh_points, subset, out = prior.refresh_points, prior.subset, {}
+    prior.refresh_points = float("inf")
+    for m in subsets:
+        prior.subset = m
+        out[m] = scalable_error(prior, x, num_points, seed)
+    prior.refresh_points, prior.subset = refresh_points, subset
+    return out
+
+
+def stale_errors(prior, step, x: torch.Tensor, steps: int, subsets: list[int], num_points: int,
+                 seed: int) -> dict[int, tuple[float, float]]:
+    """Errors by tail size M after ``steps`` training steps with the cache left as it was after a refresh."""
+    refresh_points = prior.refresh_points
+    prior.refresh_points = float("inf")
+    for _ in range(steps):
+        step()
+    prior.refresh_points = refresh_points
+    return errors_by_subset(prior, x, subsets, num_points, seed)
+
+
+def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_size: int, seed: int,
+        error_points: int = 512, stale_steps: int = 100, error_subsets: tuple[int, ...] = (256, 512, 1024)) -> None:
     train = torch.as_tensor(np.load(data_path)["train"], dtype=torch.float32)
     cfg = dict(latent_dim=40, hidden=[300, 300])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, reps {reps} "
           f"(exact path: {exact_reps} at N > 10000)")
     header = (f"{'N':>6} {'path':<9} {'median ms':>10} {'x vae':>7} {'x vae +refresh':>15} {'refresh s':>10} "
-              f"{'|err| nats':>11} {'mean err':>9}")
+              f"{'fresh |err|':>11} {'mean err':>9} {'stale |err|':>11} {'mean err':>9}")
     print(header)
     for n in sizes:
         x = train[:n]
@@ -88,13 +117,20 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
         start = time.perf_counter()
         prior.refresh()
         refresh = time.perf_counter() - start
-        err_abs, err_mean = scalable_error(prior, x, batch_size)
+        subsets = sorted({min(m, n) for m in (*error_subsets, prior.subset)})
+        fresh = errors_by_subset(prior, x, subsets, error_points, seed)
+        err_abs, err_mean = fresh[prior.subset]
+        stale = stale_errors(prior, steps["scalable"], x, stale_steps, subsets, error_points, seed)
         base = statistics.median(times["vae"])
         for name in ("vae", "exact", "scalable"):
             med = statistics.median(times[name])
             amortized = (med + refresh * batch_size / n) / base if name == "scalable" else med / base
-            extra = f"{refresh:>10.2f} {err_abs:>11.3f} {err_mean:>9.3f}" if name == "scalable" else ""
+            extra = (f"{refresh:>10.2f} {err_abs:>11.3f} {err_mean:>9.3f} {stale[prior.subset][0]:>11.3f} "
+                     f"{stale[prior.subset][1]:>9.3f}" if name == "scalable" else "")
             print(f"{n:>6} {name:<9} {1e3 * med:>10.1f} {med / base:>7.2f} {amortized:>15.2f} {extra}")
+        for label, errors in ((" fresh", fresh), (f" stale ({stale_steps} steps past the refresh)", stale)):
+            print(f"{n:>6} error{label} by tail size M: " +
+                  ", ".join(f"M={m}: |err| {a:.3f} mean {e:.3f}" for m, (a, e) in errors.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,10 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exact-reps", type=int, default=3, help="timed exact-path steps when N > 10000 (slow)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--error-points", type=int, default=512, help="training points the error is averaged over")
+    parser.add_argument("--stale-steps", type=int, default=100, help="training steps past the refresh (stale error)")
+    parser.add_argument("--error-subsets", type=int, nargs="+", default=[256, 512, 1024], help="tail sizes M")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass --data PATH/binarized_mnist.npz")
-    run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed)
+    run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed, args.error_points,
+        args.stale_steps, args.error_subsets)
 
 
 if __name__ == "__main__":

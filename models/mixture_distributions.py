@@ -1,0 +1,140 @@
+"""Gaussian mixtures whose K diagonal components are shared by a batch of points, each point with its own weights.
+
+``GaussianMixture`` is the distribution a mixture prior over training points puts at the model's ``"z"`` site
+(``models/mixture_priors.py``); ``HeadTailMixture`` is the scalable exemplar prior's per-step estimate of one.
+Both are ``MixtureSameFamily`` subclasses whose ``log_prob`` never forms a points x K x latent tensor: the
+(points x K) log-density matrix comes from the Gaussian quadratic expansion
+sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2 (two matrix products), in chunks of
+at most ``max_elements`` entries. The expansion loses float32 precision when |z|, |m| >> s (about eps * m^2/s^2
+nats); the tests bound it against float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+
+DEFAULT_MAX_ELEMENTS = 2**22  # entries of one (queries x components) chunk: 16 MB of float32
+
+
+def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(z_q; loc_k, diag scale_k^2) for every query q (Q, D) and component k (K, D): shape (Q, K)."""
+    dtype = torch.promote_types(z.dtype, loc.dtype)  # float64 queries (diagnostics) against float32 encodings
+    z, loc, scale = z.to(dtype), loc.to(dtype), scale.to(dtype)
+    precision = scale.pow(-2)
+    quad = (z * z) @ precision.T - 2.0 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)
+    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+    return -0.5 * quad.clamp_min(0.0) - log_norm
+
+
+class GaussianMixture(dist.MixtureSameFamily):
+    """sum_k softmax(logits_b)_k N(z; loc_k, diag scale_k^2): K diagonal Gaussians shared by the whole batch,
+    with per-point mixture logits (batch shape (B,), event shape (D,)).
+
+    :param logits: (B, K) mixture logits; -inf drops a component for that point (leave-one-out).
+    :param loc: (K, D) component means; ``scale``: (K, D) standard deviations (may be an expanded view).
+    ``log_prob`` works in chunks of ``max_elements`` (queries x K) entries; ``sample`` gathers one component per
+    draw instead of sampling all K (torch's ``MixtureSameFamily.sample`` would).
+    """
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None):
+        if logits.dim() != 2 or loc.dim() != 2 or logits.shape[-1] != loc.shape[0] or scale.shape != loc.shape:
+            raise ValueError(f"GaussianMixture needs logits (B, K), loc and scale (K, D); got {tuple(logits.shape)}, "
+                             f"{tuple(loc.shape)}, {tuple(scale.shape)}")
+        self.loc, self.scale, self.max_elements = loc, scale, max_elements
+        self.point_logits = logits  # (B, K): varies along the last batch dim only
+        batch = logits.shape[:1] + loc.shape[:1]
+        # validate_args=False: a check of the expanded (B, K, D) view would materialize it
+        components = dist.Normal(loc.expand(batch + loc.shape[1:]), scale.expand(batch + loc.shape[1:]),
+                                 validate_args=False).to_event(1)
+        super().__init__(dist.Categorical(logits=logits), components, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(GaussianMixture, _instance)
+        new.loc, new.scale, new.max_elements = self.loc, self.scale, self.max_elements
+        new.point_logits = self.point_logits
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        queries = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])
+        num_points, num_components = self.point_logits.shape
+        if shape[-1] != num_points and num_points != 1:
+            raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
+        log_w = self.point_logits - self.point_logits.logsumexp(-1, keepdim=True)
+        step = max(1, self.max_elements // num_components)
+        out = []
+        for start in range(0, queries.shape[0], step):
+            rows = torch.arange(start, min(start + step, queries.shape[0]), device=queries.device)
+            dens = gaussian_log_density_matrix(queries[rows], self.loc, self.scale)
+            out.append((dens + log_w[rows % num_points]).logsumexp(-1))  # last batch dim varies fastest
+        return torch.cat(out).reshape(shape)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        with torch.no_grad():
+            k = self.mixture_distribution.sample(torch.Size(sample_shape))
+            return torch.normal(self.loc[k], self.scale[k])
+
+
+class HeadTailMixture(dist.MixtureSameFamily):
+    """Per-point mixture of k local components and M components shared by the batch (event shape (D,)):
+    sum_j softmax(l_b)_j N(z; head_loc_bj, diag head_scale_bj^2) + sum_m softmax(l_b)_{k+m} N(z; tail_loc_m, ...),
+    with l_b = [head_logits_b, tail_logits_b] ((B, k) and (B, M); -inf drops a component for that point).
+
+    ``log_prob`` evaluates the head directly ((B, k, D)) and the tail by the quadratic expansion of
+    ``gaussian_log_density_matrix`` in chunks of ``max_elements`` (queries x M) entries, so no (B, k + M, D)
+    tensor is formed; ``component_distribution`` (for ``mean``, ``sample``) builds it only when asked.
+    """
+
+    def __init__(self, head_logits: torch.Tensor, head_loc: torch.Tensor, head_scale: torch.Tensor,
+                 tail_logits: torch.Tensor, tail_loc: torch.Tensor, tail_scale: torch.Tensor,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None):
+        b, k, d = head_loc.shape
+        if (head_logits.shape != (b, k) or head_scale.shape != head_loc.shape or tail_loc.dim() != 2
+                or tail_scale.shape != tail_loc.shape or tail_logits.shape != (b, tail_loc.shape[0])):
+            raise ValueError("HeadTailMixture needs head_logits (B, k), head_loc and head_scale (B, k, D), tail_logits "
+                             f"(B, M), tail_loc and tail_scale (M, D); got {tuple(head_logits.shape)}, "
+                             f"{tuple(head_loc.shape)}, {tuple(tail_logits.shape)}, {tuple(tail_loc.shape)}")
+        self.head_loc, self.head_scale, self.tail_loc, self.tail_scale = head_loc, head_scale, tail_loc, tail_scale
+        self.max_elements, self._components = max_elements, None
+        placeholder = head_loc.new_ones(()).expand(b, k + tail_loc.shape[0], d)  # shapes only; see below
+        super().__init__(dist.Categorical(logits=torch.cat([head_logits, tail_logits], -1)),
+                         dist.Normal(placeholder, placeholder, validate_args=False).to_event(1),
+                         validate_args=validate_args)
+
+    @property
+    def component_distribution(self) -> dist.Distribution:
+        if self._components is None:  # materialized (B, k + M, D) only for mean / variance / sample
+            b = self.head_loc.shape[0]
+            loc = torch.cat([self.head_loc, self.tail_loc.expand(b, -1, -1)], 1)
+            scale = torch.cat([self.head_scale, self.tail_scale.expand(b, -1, -1)], 1)
+            self._components = dist.Normal(loc, scale, validate_args=False).to_event(1)
+        return self._components.expand(self.batch_shape + self._components.batch_shape[-1:])
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HeadTailMixture, _instance)
+        for name in ("head_loc", "head_scale", "tail_loc", "tail_scale", "max_elements", "_components"):
+            setattr(new, name, getattr(self, name))
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        num_points, k, d = self.head_loc.shape
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        if shape[-1] != num_points:
+            raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
+        z = value.expand(shape + value.shape[-1:]).reshape(-1, num_points, d)  # (S, B, D)
+        log_w = self.mixture_distribution.logits.reshape(-1, num_points, k + self.tail_loc.shape[0])[0]
+        head = (-0.5 * ((z[:, :, None] - self.head_loc) / self.head_scale).pow(2).sum(-1)
+                - self.head_scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi))  # (S, B, k)
+        queries = z.reshape(-1, d)
+        step = max(1, self.max_elements // self.tail_loc.shape[0])
+        tail = torch.cat([gaussian_log_density_matrix(queries[i : i + step], self.tail_loc, self.tail_scale)
+                          for i in range(0, queries.shape[0], step)]).view(z.shape[0], num_points, -1)
+        return (torch.cat([head, tail], -1) + log_w).logsumexp(-1).reshape(shape)
