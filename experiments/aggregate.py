@@ -27,63 +27,13 @@ import numpy as np
 import pyro.poutine as poutine
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, MixtureSameFamily, MultivariateNormal, Normal
+from torch.distributions import Distribution, Independent, Normal
 from torch.distributions.kl import kl_divergence
 
 from experiments.data import Split
+from experiments.distribution_batches import batch_tensors, cat_batch, map_batch, shared_component
 from experiments.registry import Pair
 from models.plate import subsample
-
-
-def _parts(d: Distribution) -> tuple[type, dict, dict]:
-    """(class, batch-leading arguments, fixed arguments) that rebuild ``d``; raises for unknown families."""
-    if isinstance(d, Independent):
-        return type(d), {"base_distribution": d.base_dist}, {"reinterpreted_batch_ndims": d.reinterpreted_batch_ndims}
-    if hasattr(d, "point_logits"):  # models.mixture_distributions.GaussianMixture: K components shared by the batch
-        logits = d.point_logits.expand(d.batch_shape + d.point_logits.shape[-1:])
-        return type(d), {"logits": logits}, {"loc": d.loc, "scale": d.scale, "max_elements": d.max_elements}
-    if isinstance(d, MixtureSameFamily):
-        return type(d), {"mixture_distribution": d.mixture_distribution,
-                         "component_distribution": d.component_distribution}, {}
-    if isinstance(d, MultivariateNormal):
-        return type(d), {"loc": d.loc, "scale_tril": d.scale_tril}, {}
-    names = [k for k in d.arg_constraints if k in vars(d)]
-    if not names:
-        raise TypeError(f"cannot split or join a batch of {type(d).__name__}; pass batch_size >= the number of points")
-    if type(d).__name__ == "Categorical":
-        names = ["logits"]
-    return type(d), {k: getattr(d, k) for k in names}, {}
-
-
-def map_batch(d: Distribution, fn) -> Distribution:
-    """Rebuild ``d`` with ``fn`` applied to every parameter tensor (leading axis = batch), e.g. a slice."""
-    cls, args, fixed = _parts(d)
-    new = {k: map_batch(v, fn) if isinstance(v, Distribution) else fn(v) for k, v in args.items()}
-    return cls(**new, **fixed)
-
-
-def cat_batch(parts: list[Distribution]) -> Distribution:
-    """Join distributions of the same family along their (leading) batch axis."""
-    if len(parts) == 1:
-        return parts[0]
-    cls, first, fixed = _parts(parts[0])
-    args = [_parts(d)[1] for d in parts]
-    new = {k: cat_batch([a[k] for a in args]) if isinstance(v, Distribution) else torch.cat([a[k] for a in args])
-           for k, v in first.items()}
-    return cls(**new, **fixed)
-
-
-def _tensors(d: Distribution) -> list[torch.Tensor]:
-    return [t for v in _parts(d)[1].values() for t in (_tensors(v) if isinstance(v, Distribution) else [v])]
-
-
-def shared_component(d: Distribution) -> Distribution | None:
-    """The first component (batch of 1) if every component of ``d`` is identical, else None."""
-    try:
-        same = all(bool((t == t[:1]).all()) for t in _tensors(d))
-    except TypeError:
-        return None
-    return map_batch(d, lambda t: t[:1]) if same else None
 
 
 @torch.no_grad()
@@ -144,7 +94,7 @@ def log_q_agg(z: torch.Tensor, components: Distribution, chunk_elements: int = 2
         raise ValueError(f"z must be (M, D), got shape {tuple(z.shape)}")
     (n,) = components.batch_shape
     comps = map_batch(components, lambda t: t.double())
-    z = z.double().to(_tensors(comps)[0].device)
+    z = z.double().to(batch_tensors(comps)[0].device)
     diag = _is_diagonal_normal(comps)
     width = 1 if diag else z.shape[1]
     step_n = max(1, min(n, chunk_elements // width))
@@ -178,7 +128,7 @@ def draw_mixture(components: Distribution, num: int, seed: int) -> tuple[torch.T
     A uniform component index, then one draw from it. Memory: (max draws of one component) x N x D.
     """
     (n,) = components.batch_shape
-    device = _tensors(components)[0].device
+    device = batch_tensors(components)[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         index = torch.randint(n, (num,), device=device)

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from experiments import arviz_adapter
-from experiments.aggregate import map_batch, point_kl, posterior_components, prior_components
+from experiments.aggregate import point_kl, posterior_components, prior_components
 from experiments.data import Split
+from experiments.distribution_batches import map_batch
 from experiments.evaluation import refit_local_guide
 from experiments.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
 from experiments.registry import Pair

@@ -1,0 +1,37 @@
+"""Slicing, joining and comparing batches of distributions gives the same densities as the original batch."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from experiments.distribution_batches import cat_batch, map_batch, shared_component
+from models.mixture_distributions import GaussianMixture
+
+
+def batches() -> list[torch.distributions.Distribution]:
+    g = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(6, 3, generator=g), torch.rand(6, 3, generator=g) + 0.5
+    tril = torch.linalg.cholesky(torch.eye(3) + 0.1 * torch.ones(3, 3)).expand(6, 3, 3)
+    mixture = dist.MixtureSameFamily(dist.Categorical(logits=torch.randn(6, 2, generator=g)),
+                                     dist.Normal(torch.randn(6, 2, 3, generator=g), 1.0).to_event(1))
+    shared = GaussianMixture(torch.randn(6, 4, generator=g), torch.randn(4, 3, generator=g), torch.ones(4, 3))
+    return [dist.Normal(loc, scale).to_event(1), dist.MultivariateNormal(loc, scale_tril=tril), mixture, shared]
+
+
+@pytest.mark.parametrize("d", batches(), ids=["independent-normal", "mvn", "mixture", "gaussian-mixture"])
+def test_slices_joined_again_have_the_original_log_density(d):
+    z = torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(1))
+    parts = [map_batch(d, lambda t: t[:2]), map_batch(d, lambda t: t[2:])]
+    assert [p.batch_shape for p in parts] == [torch.Size([2]), torch.Size([4])]
+    joined = cat_batch(parts)
+    torch.testing.assert_close(joined.log_prob(z), d.log_prob(z))
+    torch.testing.assert_close(parts[1].log_prob(z[:, 2:]), d.log_prob(z)[:, 2:])
+
+
+def test_shared_component_is_found_only_when_every_member_is_equal():
+    same = dist.Normal(torch.zeros(5, 2), torch.ones(5, 2)).to_event(1)
+    different = dist.Normal(torch.arange(10.0).reshape(5, 2), torch.ones(5, 2)).to_event(1)
+    assert shared_component(same).batch_shape == torch.Size([1])
+    assert shared_component(different) is None
