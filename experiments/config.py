@@ -41,7 +41,7 @@ class ModelConfig:
     exemplar_path: str = "auto"  # vae-exemplar: exact | scalable | auto (scalable above exemplar_exact_max points)
     exemplar_exact_max: int = 5000
     exemplar_neighbors: int = 10  # scalable path: k nearest exemplars kept exactly per point
-    exemplar_subset: int = 1024  # scalable path: random exemplars per step standing for the rest
+    exemplar_subset: int = 512  # scalable path: random exemplars per step standing for the rest (BENCHMARKS.md)
     exemplar_refresh_points: int = 0  # scalable path: re-encode the cache after this many points (0 = per epoch)
 
 

@@ -110,7 +110,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
     """
 
     def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
-                 neighbors: int = 10, subset: int = 1024, refresh_points: int = 0,
+                 neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]

@@ -102,7 +102,7 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
         pairs, steps = {}, {}
         for name, path in (("vae", None), ("exact", "exact"), ("scalable", "scalable")):
             pyro.set_rng_seed(seed)
-            model_cfg = ModelConfig(**cfg, exemplar_path=path or "auto", exemplar_subset=min(1024, n))
+            model_cfg = ModelConfig(**cfg, exemplar_path=path or "auto")  # the default tail size M
             pairs[name] = get_variant("vae" if path is None else "vae-exemplar").factory(data, model_cfg, "bernoulli")
             steps[name] = make_step(pairs[name], x, batch_size, seed)
             for _ in range(2):  # warm-up (oneDNN) and the scalable path's first cache build
