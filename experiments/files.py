@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -28,6 +29,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_text(path: str | Path, text: str) -> None:

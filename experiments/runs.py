@@ -18,8 +18,8 @@ import torch
 from experiments import config as configs
 from experiments.config import DataConfig, RunConfig
 from experiments.data import Dataset, binarize, load_digits, quadrant_task, validate
+from experiments.files import save_torch
 from experiments.registry import Pair, get_variant
-from experiments.svi import save_atomic
 
 
 @dataclass
@@ -66,7 +66,7 @@ def build_pair(config: RunConfig, data: RunData, variant: str, seed: int | None 
 
 
 def save_pair(pair: Pair, path: Path) -> None:
-    save_atomic({"model": pair.model.state_dict(), "guide": pair.guide.state_dict()}, path)
+    save_torch({"model": pair.model.state_dict(), "guide": pair.guide.state_dict()}, path)
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, RunData]:

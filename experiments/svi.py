@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from experiments.config import SVIConfig
 from experiments.data import Dataset, Split
-from experiments.files import atomic_path
+from experiments.files import save_torch
 from experiments.objectives import kl_weight, make_elbo
 from experiments.registry import Pair
 from models.plate import subsample
@@ -42,12 +42,6 @@ class FitResult:
     best_epoch: int
     best_elbo: float  # the monitored ELBO per point at best_epoch
     monitor: str  # "val_elbo", or "train_elbo" for a non-amortized guide (no parameters for val points)
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -170,7 +164,7 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
             state["wait"] += 1
         state["epoch"] = epoch + 1
         if checkpoint is not None:
-            save_atomic({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+            save_torch({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(shuffle), "state": state}, checkpoint)
         if state["wait"] >= config.patience:
             break
