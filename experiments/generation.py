@@ -29,6 +29,7 @@ import numpy as np
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 
 GMM_COMPONENTS = 10  # Ghosh et al. (2020) use 10 components on MNIST-size data
@@ -46,8 +47,7 @@ class LatentSampler(Protocol):
 
 def _observed_site(trace: poutine.Trace) -> dict:
     """The model's one sample site besides ``"z"`` (the observed x, or y for conditional pairs)."""
-    sites = [s for name, s in trace.nodes.items() if s["type"] == "sample" and name != "z"
-             and type(s["fn"]).__name__ != "_Subsample"]
+    sites = [s for name, s in prune_subsample_sites(trace).nodes.items() if s["type"] == "sample" and name != "z"]
     if len(sites) != 1:
         raise ValueError(f"decoding needs exactly one observed site besides 'z', found {[s['name'] for s in sites]}")
     return sites[0]

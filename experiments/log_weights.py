@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 
 from models.plate import subsample
@@ -43,11 +44,11 @@ def _site_log_probs(model: nn.Module, guide: nn.Module, args: tuple, num_particl
     with pyro.plate("particles", num_particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     unobserved = [n for n, s in model_trace.nodes.items()
-                  if s["type"] == "sample" and not s["is_observed"] and n != "z"
-                  and type(s["fn"]).__name__ != "_Subsample"]
+                  if s["type"] == "sample" and not s["is_observed"] and n != "z"]
     if unobserved:
         raise ValueError(f"the model has latent sites {unobserved} besides 'z'; the contract allows one latent "
                          "site 'z'")
