@@ -22,9 +22,9 @@ import torch
 from experiments import config as configs
 from experiments.config import ConfigError, RunConfig
 from experiments.evaluation import evaluate
-from experiments.files import write_csv, write_text
+from experiments.files import save_torch, write_csv, write_text
 from experiments.registry import VARIANTS, get_variant
-from experiments.runs import build_pair, load_run_data, save_pair
+from experiments.runs import build_pair, load_run_data, save_pair, test_guide_path
 from experiments.svi import fit
 
 BENCHMARKS = {"svi": "experiments.benchmarks.svi_bench", "mixture-prior": "experiments.benchmarks.mixture_prior_bench",
@@ -107,6 +107,8 @@ def command_run(args: argparse.Namespace) -> int:
         save_pair(pair, run_dir / "pairs" / f"{name}.pt")
         evaluation = evaluate(pair, dataset.test.to(config.svi.device),
                               config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
+        if evaluation.guide is not pair.guide:  # a per-point guide fitted on the test points: diagnose reuses it
+            save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
         histories.append(result.history.assign(variant=name))
         metrics.append({"variant": name, "conditional": get_variant(name).conditional, "data": dataset.name,
                         "epochs": len(result.history), "best_epoch": result.best_epoch, "monitor": result.monitor,

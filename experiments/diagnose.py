@@ -27,11 +27,12 @@ from experiments.aggregate import aggregate_diagnostics, posterior_components, p
 from experiments.amortization import amortization_gap
 from experiments.config import RunConfig
 from experiments.data import Dataset, quadrant_masks
+from experiments.evaluation import evaluation_guide
 from experiments.files import UMASK, write_csv, write_text
 from experiments.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
-from experiments.point_diagnostics import evaluation_guide, inference_arrays, point_diagnostics
+from experiments.point_diagnostics import inference_arrays, point_diagnostics
 from experiments.registry import Pair, get_variant
-from experiments.runs import RunData, load_pair, load_run
+from experiments.runs import RunData, load_pair, load_run, load_test_guide
 from experiments.sample_quality import load_or_train_classifier, score_samples
 
 OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
@@ -129,7 +130,8 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
         parameter.requires_grad_(False)  # diagnostics read the trained pair; only refitted local guides train
     spec = get_variant(name)
     # The guide for the test points: the pair's own, or a per-point guide refitted on them (decoder frozen).
-    guide, note = evaluation_guide(pair, dataset.test, local_refit_steps=config.eval.local_refit_steps, seed=seed)
+    saved = load_test_guide(run_dir, name, pair, len(dataset.test))  # fitted by `run`; refitted only if missing
+    guide, note = evaluation_guide(pair, dataset.test, saved, config.eval.local_refit_steps, seed)
     points = point_diagnostics(pair, dataset.test, num_particles=num_particles, seed=seed, guide=guide)
     agg = aggregate_diagnostics(pair, dataset.train, num_samples=AGG_DRAWS, seed=seed)
     threshold = arviz_adapter.khat_threshold(num_particles)

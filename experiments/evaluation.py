@@ -71,13 +71,23 @@ def refit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 5e-2, se
     return fit_guide_frozen_model(pair.model, pair.guide.for_new_points(len(split)), split, steps, lr, seed)
 
 
+def evaluation_guide(pair: Pair, split: Split, guide: nn.Module | None = None, local_refit_steps: int = 500,
+                     seed: int = 0) -> tuple[nn.Module, str]:
+    """The guide to evaluate ``split`` with, and a note for the output.
+
+    ``guide`` if given (e.g. a per-point guide already fitted on ``split``), else the pair's own guide when it
+    is amortized, else a per-point guide fitted on ``split`` with the model frozen (``refit_local_guide``).
+    """
+    if getattr(pair.guide, "amortized", True):
+        return (pair.guide if guide is None else guide), ""
+    note = (f"per-point guide refitted on the {len(split)} test points ({local_refit_steps} Adam steps, "
+            "decoder frozen)")
+    return (refit_local_guide(pair, split, local_refit_steps, seed=seed) if guide is None else guide), note
+
+
 def evaluate(pair: Pair, split: Split, num_particles: int = 1000, local_refit_steps: int = 500,
              seed: int = 0) -> Evaluation:
     """Per-point log weights on ``split`` with ``num_particles`` draws from the (possibly refitted) guide."""
-    guide, note = pair.guide, ""
-    if not getattr(guide, "amortized", True):
-        guide = refit_local_guide(pair, split, local_refit_steps, seed=seed)
-        note = (f"per-point guide refitted on the {len(split)} test points ({local_refit_steps} Adam steps, "
-                "decoder frozen)")
+    guide, note = evaluation_guide(pair, split, local_refit_steps=local_refit_steps, seed=seed)
     pyro.set_rng_seed(seed)
     return Evaluation(log_weights(pair.model, guide, split.tensors(), num_particles), guide, note)

@@ -25,7 +25,7 @@ from experiments import arviz_adapter
 from experiments.aggregate import point_kl, posterior_components, prior_components
 from experiments.data import Split
 from experiments.distribution_batches import map_batch
-from experiments.evaluation import refit_local_guide
+from experiments.evaluation import evaluation_guide
 from experiments.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
 from experiments.registry import Pair
 
@@ -58,18 +58,6 @@ class PointDiagnostics:
                 "log_lik_psis": float(self.log_lik_psis.mean()), "log_lik_psis_se": se(self.log_lik_psis),
                 "elbo": float(self.elbo.mean()), "elbo_se": se(self.elbo), "mean_kl_points": float(self.kl.mean()),
                 "share_khat_bad": float((self.khat > self.good_khat).mean()), "good_khat": self.good_khat}
-
-
-def evaluation_guide(pair: Pair, split: Split, guide: nn.Module | None = None, local_refit_steps: int = 500,
-                     seed: int = 0) -> tuple[nn.Module, str]:
-    """The guide to evaluate ``split`` with: ``guide``, the pair's amortized guide, or a per-point guide refitted
-    on ``split`` with the model frozen (``experiments.evaluation.refit_local_guide``)."""
-    if guide is not None:
-        return guide, ""
-    if getattr(pair.guide, "amortized", True):
-        return pair.guide, ""
-    note = f"per-point guide refitted on the {len(split)} points ({local_refit_steps} Adam steps, decoder frozen)"
-    return refit_local_guide(pair, split, local_refit_steps, seed=seed), note
 
 
 def _standard_normal_like(p: torch.distributions.Distribution) -> dist.Distribution:
@@ -137,4 +125,4 @@ def inference_arrays(pair: Pair, split: Split, index: torch.Tensor, num_draws: i
             "obs_index": index.cpu().numpy(), "observed_name": "y" if split.y is not None else "x"}
 
 
-__all__ = ["PointDiagnostics", "point_diagnostics", "inference_arrays", "khat_threshold", "evaluation_guide"]
+__all__ = ["PointDiagnostics", "point_diagnostics", "inference_arrays", "khat_threshold"]

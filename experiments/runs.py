@@ -5,6 +5,7 @@
     RUN_DIR/metrics.csv            one row per variant: fit summary and held-out log-likelihood
     RUN_DIR/checkpoints/NAME.pt    resumable training state (last epoch)
     RUN_DIR/pairs/NAME.pt          the trained pair (best epoch): {"model": state_dict, "guide": state_dict}
+    RUN_DIR/pairs/test-guides/NAME.pt   a non-amortized pair's guide fitted on the test points (decoder frozen)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch import nn
 
 from experiments import config as configs
 from experiments.config import DataConfig, RunConfig
@@ -67,6 +69,21 @@ def build_pair(config: RunConfig, data: RunData, variant: str, seed: int | None 
 
 def save_pair(pair: Pair, path: Path) -> None:
     save_torch({"model": pair.model.state_dict(), "guide": pair.guide.state_dict()}, path)
+
+
+def test_guide_path(run_dir: str | Path, variant: str) -> Path:
+    """Where ``run`` keeps a non-amortized pair's guide fitted on the test points (decoder frozen)."""
+    return Path(run_dir) / "pairs" / "test-guides" / f"{variant}.pt"
+
+
+def load_test_guide(run_dir: str | Path, variant: str, pair: Pair, num_points: int) -> nn.Module | None:
+    """The per-point test guide ``run`` fitted for ``variant``, or None if the run has none."""
+    path = test_guide_path(run_dir, variant)
+    if not path.is_file() or getattr(pair.guide, "amortized", True):
+        return None
+    guide = pair.guide.for_new_points(num_points)
+    guide.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return guide
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, RunData]:
