@@ -20,18 +20,17 @@ from dataclasses import dataclass
 import torch
 from pyro.infer import ELBO
 from torch import nn
-
-from experiments.config import ModelConfig
-from experiments.data import Dataset
-from guides.amortized_normal import AmortizedNormalGuide, ConditionalAmortizedNormalGuide, PriorNetGuide
-from guides.constant_normal import ConstantNormalGuide
-from guides.local_normal import LocalNormalGuide
-from models.cvae import ConditionalVAE
-from models.decoders import ConditionalMLPDecoder, MLPDecoder
-from models.likelihoods import make_likelihood
-from models.mixture_priors import ExemplarPrior, VampPrior
-from models.priors import ConditionalNormalPrior, StandardNormalPrior
-from models.vae import VAE
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import Dataset
+from vae_priors.guides.amortized_normal import AmortizedNormalGuide, ConditionalAmortizedNormalGuide, PriorNetGuide
+from vae_priors.guides.constant_normal import ConstantNormalGuide
+from vae_priors.guides.local_normal import LocalNormalGuide
+from vae_priors.models.cvae import ConditionalVAE
+from vae_priors.models.decoders import ConditionalMLPDecoder, MLPDecoder
+from vae_priors.models.likelihoods import make_likelihood
+from vae_priors.models.mixture_priors import ExemplarPrior, VampPrior
+from vae_priors.models.priors import ConditionalNormalPrior, StandardNormalPrior
+from vae_priors.models.vae import VAE
 
 
 @dataclass

@@ -8,9 +8,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-
-from models.networks import NormalHead
-from models.plate import data_plate
+from vae_priors.models.networks import NormalHead
+from vae_priors.models.plate import data_plate
 
 
 class AmortizedNormalGuide(nn.Module):

@@ -11,8 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from models.plate import data_plate
+from vae_priors.models.plate import data_plate
 
 
 class ConstantNormalGuide(nn.Module):

@@ -3,7 +3,7 @@
 With the same decoder as an amortized guide it measures the amortization gap (Cremer et al. 2018):
 the difference between the best per-point ELBO and what the encoder achieves. It has no parameters
 for unseen points, so evaluation fits a fresh ``LocalNormalGuide`` on the test points with the model
-frozen (see ``experiments.evaluation``).
+frozen (see ``vae_priors.experiments.evaluation.importance``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from models.plate import data_plate
+from vae_priors.models.plate import data_plate
 
 
 class LocalNormalGuide(nn.Module):

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from models.networks import mlp
+from vae_priors.models.networks import mlp
 
 
 class MLPDecoder(nn.Module):

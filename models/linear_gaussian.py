@@ -24,11 +24,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-
-from models.cvae import ConditionalVAE
-from models.plate import data_plate
-from models.priors import StandardNormalPrior
-from models.vae import VAE
+from vae_priors.models.cvae import ConditionalVAE
+from vae_priors.models.plate import data_plate
+from vae_priors.models.priors import StandardNormalPrior
+from vae_priors.models.vae import VAE
 
 
 class FixedNoiseGaussian(nn.Module):

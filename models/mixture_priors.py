@@ -21,8 +21,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
+from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 
 
 class _MixtureOfPosteriors(nn.Module):

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
-
-from models.networks import NormalHead
+from vae_priors.models.networks import NormalHead
 
 
 class StandardNormalPrior(nn.Module):

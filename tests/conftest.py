@@ -7,11 +7,10 @@ from dataclasses import replace
 import pyro
 import pytest
 import torch
-
-from experiments.config import ModelConfig
-from experiments.data import Dataset, binarize, load_digits
-from experiments.synthetic import linear_gaussian_parameters, sample_ppca
-from models.linear_gaussian import PPCA
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits
+from vae_priors.experiments.data.synthetic import linear_gaussian_parameters, sample_ppca
+from vae_priors.models.linear_gaussian import PPCA
 
 # The test nets are tiny: one thread is faster than two, and avoids OpenMP spinning when cores are shared.
 torch.set_num_threads(1)

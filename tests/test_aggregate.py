@@ -6,14 +6,18 @@ import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
-
-from experiments.aggregate import aggregate_diagnostics, log_q_agg, posterior_components, sample_q_agg
-from experiments.config import ModelConfig, SVIConfig
-from experiments.registry import Pair, get_variant
-from experiments.svi import fit
-from experiments.synthetic import linear_gaussian_dataset, linear_gaussian_parameters
-from guides.local_normal import LocalNormalGuide
-from models.linear_gaussian import ExactPosteriorGuide
+from vae_priors.experiments.config import ModelConfig, SVIConfig
+from vae_priors.experiments.data.synthetic import linear_gaussian_dataset, linear_gaussian_parameters
+from vae_priors.experiments.diagnostics.aggregate import (
+    aggregate_diagnostics,
+    log_q_agg,
+    posterior_components,
+    sample_q_agg,
+)
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.svi import fit
+from vae_priors.guides.local_normal import LocalNormalGuide
+from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 
 
 def _brute_force_log_q_agg(z, locs, covs):

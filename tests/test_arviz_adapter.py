@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from experiments import arviz_adapter
+from vae_priors.experiments.diagnostics import arviz_adapter
 
 
 def _pareto_log_weights(k: float, num: int, rng) -> np.ndarray:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from experiments.registry import VARIANTS
+from vae_priors.experiments.registry import VARIANTS
 
 TINY = """
 seed = 1
@@ -31,7 +30,7 @@ local_refit_steps = 5
 
 def vae_priors(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache")}
-    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "vae_priors.experiments.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from experiments import config as configs
-from experiments.config import ConfigError, RunConfig
+from vae_priors.experiments import config as configs
+from vae_priors.experiments.config import ConfigError, RunConfig
 
 CONFIG_DIR = Path(configs.__file__).parent / "configs"
 

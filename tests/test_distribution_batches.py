@@ -5,9 +5,8 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pytest
 import torch
-
-from experiments.distribution_batches import cat_batch, map_batch, shared_component
-from models.mixture_distributions import GaussianMixture
+from vae_priors.experiments.diagnostics.distribution_batches import cat_batch, map_batch, shared_component
+from vae_priors.models.mixture_distributions import GaussianMixture
 
 
 def batches() -> list[torch.distributions.Distribution]:

@@ -6,12 +6,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
-
-from experiments import generation
-from experiments.config import ModelConfig
-from experiments.data import load_digits
-from experiments.generation import AggregatePosteriorSampler, GaussianMixtureSampler, PriorSampler, decode
-from experiments.registry import get_variant
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import load_digits
+from vae_priors.experiments.diagnostics import generation
+from vae_priors.experiments.diagnostics.generation import (
+    AggregatePosteriorSampler,
+    GaussianMixtureSampler,
+    PriorSampler,
+    decode,
+)
+from vae_priors.experiments.registry import get_variant
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,7 @@ def test_reconstruct_decodes_the_guide_mean(digits):
 
 
 def test_predict_draws_y_from_the_conditional_prior(digits):
-    from experiments.data import quadrant_task
+    from vae_priors.experiments.data.datasets import quadrant_task
 
     quads = quadrant_task(digits, 1)
     pair = _pair(quads, "cvae")

@@ -2,17 +2,16 @@
 
 import pytest
 import torch
-
-from experiments.config import DataConfig
-from experiments.log_weights import log_weights
-from experiments.synthetic import (
+from vae_priors.experiments.config import DataConfig
+from vae_priors.experiments.data.synthetic import (
     conditional_linear_gaussian_parameters,
     linear_gaussian_dataset,
     linear_gaussian_parameters,
     load_linear_gaussian,
     sample_conditional,
 )
-from models.linear_gaussian import ExactConditionalGuide, ExactPosteriorGuide
+from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.models.linear_gaussian import ExactConditionalGuide, ExactPosteriorGuide
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of experiments.log_weights: shapes, chunking, the one-latent-site contract, against PPCA closed forms."""
+"""Tests of experiments.evaluation.log_weights: shapes, chunking, the one-latent-site contract, PPCA closed forms."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
-
-from experiments.log_weights import chunk_size, log_weights
-from models.linear_gaussian import ExactPosteriorGuide
-from models.plate import data_plate
+from vae_priors.experiments.evaluation.log_weights import chunk_size, log_weights
+from vae_priors.models.linear_gaussian import ExactPosteriorGuide
+from vae_priors.models.plate import data_plate
 
 
 def test_log_weights_have_shape_draws_by_points_and_z_has_a_latent_axis(ppca, ppca_x):

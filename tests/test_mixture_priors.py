@@ -10,16 +10,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
-
-from experiments.config import ModelConfig, SVIConfig
-from experiments.data import binarize, load_digits
-from experiments.evaluation import evaluate
-from experiments.log_weights import log_weights
-from experiments.registry import get_variant
-from experiments.svi import fit, mean_elbo
-from guides.amortized_normal import AmortizedNormalGuide
-from models.mixture_distributions import GaussianMixture, HeadTailMixture
-from models.mixture_priors import ExemplarPrior, VampPrior
+from vae_priors.experiments.config import ModelConfig, SVIConfig
+from vae_priors.experiments.data.datasets import binarize, load_digits
+from vae_priors.experiments.evaluation.importance import evaluate
+from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.experiments.registry import get_variant
+from vae_priors.experiments.training.svi import fit, mean_elbo
+from vae_priors.guides.amortized_normal import AmortizedNormalGuide
+from vae_priors.models.mixture_distributions import GaussianMixture, HeadTailMixture
+from vae_priors.models.mixture_priors import ExemplarPrior, VampPrior
 
 
 class LinearEncoder(nn.Module):

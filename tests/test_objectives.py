@@ -1,4 +1,4 @@
-"""Tests of experiments.objectives: the IWAE bound against closed forms and brute force, and the KL weight."""
+"""Tests of experiments.training.objectives: the IWAE bound against closed forms and brute force, and the KL weight."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.infer import Trace_ELBO
 from torch import nn
-
-from experiments.objectives import IWAE, kl_weight, make_elbo
-from models.linear_gaussian import ExactPosteriorGuide
-from models.plate import data_plate, subsample
+from vae_priors.experiments.training.objectives import IWAE, kl_weight, make_elbo
+from vae_priors.models.linear_gaussian import ExactPosteriorGuide
+from vae_priors.models.plate import data_plate, subsample
 
 
 class FixedDraw(TorchDistribution):

@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 
 import numpy as np
-
-from experiments.config import SVIConfig
-from experiments.evaluation import evaluate
-from experiments.point_diagnostics import point_diagnostics
-from experiments.registry import Pair
-from experiments.svi import fit
+from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.diagnostics.point import point_diagnostics
+from vae_priors.experiments.evaluation.importance import evaluate
+from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training.svi import fit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -11,15 +11,14 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from torch import nn
-
-from experiments.config import SVIConfig
-from experiments.data import Dataset, Split, quadrant_task
-from experiments.evaluation import evaluate
-from experiments.registry import VARIANTS, Pair, get_variant, register
-from experiments.svi import fit
-from guides.amortized_normal import AmortizedNormalGuide
-from models.likelihoods import GaussianLikelihood
-from models.plate import data_plate
+from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.data.datasets import Dataset, Split, quadrant_task
+from vae_priors.experiments.evaluation.importance import evaluate
+from vae_priors.experiments.registry import VARIANTS, Pair, get_variant, register
+from vae_priors.experiments.training.svi import fit
+from vae_priors.guides.amortized_normal import AmortizedNormalGuide
+from vae_priors.models.likelihoods import GaussianLikelihood
+from vae_priors.models.plate import data_plate
 
 
 def _data_for(variant_name: str, digits300: Dataset) -> Dataset:

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
-from experiments import sample_quality
-from experiments.data import Split, load_digits
-from experiments.sample_quality import class_coverage, frechet_distance, load_or_train_classifier, score_samples
+from vae_priors.experiments.data.datasets import Split, load_digits
+from vae_priors.experiments.diagnostics import sample_quality
+from vae_priors.experiments.diagnostics.sample_quality import (
+    class_coverage,
+    frechet_distance,
+    load_or_train_classifier,
+    score_samples,
+)
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():

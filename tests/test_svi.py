@@ -1,4 +1,4 @@
-"""Tests of experiments.svi: minibatch scaling, parameter isolation, resume, and the non-finite-loss stop."""
+"""Tests of experiments.training.svi: minibatch scaling, parameter isolation, resume, and the non-finite-loss stop."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
-
-from experiments.config import SVIConfig
-from experiments.data import Dataset, Split
-from experiments.registry import Pair, get_variant
-from experiments.svi import NonFiniteLossError, fit, mean_elbo
-from models.linear_gaussian import ExactPosteriorGuide
-from models.plate import subsample
+from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.svi import NonFiniteLossError, fit, mean_elbo
+from vae_priors.models.linear_gaussian import ExactPosteriorGuide
+from vae_priors.models.plate import subsample
 
 FAST = SVIConfig(epochs=2, batch_size=100, lr=1e-2, patience=10)
 

@@ -1,1 +1,1 @@
-"""Measurement scripts (not tests): run as ``python -m experiments.benchmarks.<name>``."""
+"""Measurement scripts (not tests): run as ``python -m vae_priors.experiments.benchmarks.<name>``."""

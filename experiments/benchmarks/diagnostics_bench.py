@@ -1,6 +1,6 @@
 """Time the diagnostics per stage on MNIST-sized data (issue 3, "Performance": 10 000 points, S = 1000, < 5 min).
 
-    python -m experiments.benchmarks.diagnostics_bench [--points 10000] [--particles 1000] [--samples 10000]
+    vae-priors bench diagnostics [--points 10000] [--particles 1000] [--samples 10000]
 
 A ``vae`` pair (784 -> 300-300 -> 40, Bernoulli) with untrained weights on random binary images: the cost does
 not depend on the values. Stages: log weights (decoder passes), PSIS, per-point KL, aggregate (surgery, reverse KL,
@@ -18,14 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from experiments import arviz_adapter, plots
-from experiments.aggregate import aggregate_diagnostics, point_kl, posterior_components, prior_components
-from experiments.config import ModelConfig
-from experiments.data import Dataset, Split
-from experiments.generation import generate, latent_samplers
-from experiments.log_weights import log_weights
-from experiments.registry import get_variant
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.diagnostics.aggregate import (
+    aggregate_diagnostics,
+    point_kl,
+    posterior_components,
+    prior_components,
+)
+from vae_priors.experiments.diagnostics.generation import generate, latent_samplers
+from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.experiments.registry import get_variant
+from vae_priors.experiments.reporting import plots
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ right after a refresh, and "stale", after ``--stale-steps`` further training ste
 cache is then as old as it gets within an epoch of that many steps). The stale error is also printed
 against the tail size M (``--error-subsets``), on the same cache.
 
-    python -m experiments.benchmarks.mixture_prior_bench --data ../shared/data/binarized_mnist/binarized_mnist.npz
+    vae-priors bench mixture-prior --data ../shared/data/binarized_mnist/binarized_mnist.npz
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
-
-from experiments.config import ModelConfig
-from experiments.data import Dataset, Split
-from experiments.registry import get_variant
-from models.plate import subsample
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.registry import get_variant
+from vae_priors.models.plate import subsample
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "binarized_mnist" / "binarized_mnist.npz"
 
@@ -36,7 +35,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "binari
 def make_step(pair, x: torch.Tensor, batch_size: int, seed: int):
     """A closure taking one timed SVI step (Adam) on a random minibatch; returns its seconds."""
     objective = pair.objective(Trace_ELBO())
-    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # as experiments.svi.fit
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # as experiments.training.svi.fit
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
 

@@ -1,11 +1,11 @@
 """Time the SVI step of ``vae`` against a hand-written PyTorch step with the same nets and estimator.
 
-    python -m experiments.benchmarks.svi_bench            # batch 128 and 1024, about a minute
-    python -m experiments.benchmarks.svi_bench --quick    # a short run (~15 s)
-    python -m experiments.benchmarks.svi_bench --profile  # + where the Pyro step spends its time
+    vae-priors bench svi             # batch 128 and 1024, about a minute
+    vae-priors bench svi --quick     # a short run (~15 s)
+    vae-priors bench svi --profile   # + where the Pyro step spends its time
 
-A (ours): the step of ``experiments.svi.fit`` -- ``Trace_ELBO()(model, guide)`` inside
-``models.plate.subsample``, Adam, gradient clipping (``experiments.svi.svi_step``).
+A (ours): the step of ``experiments.training.svi.fit`` -- ``Trace_ELBO()(model, guide)`` inside
+``models.plate.subsample``, Adam, gradient clipping (``experiments.training.svi.svi_step``).
 B (hand-written): the same modules (a copy with identical weights), the same single-sample reparameterized
 estimator -(N/B) sum_n [log p(x_n|z_n) + log N(z_n; 0, I) - log q(z_n|x_n)] / N, z_n = mu + sigma * eps,
 the same Adam and clipping.
@@ -31,12 +31,11 @@ import pyro
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from experiments.config import ModelConfig
-from experiments.data import Dataset, Split
-from experiments.objectives import make_elbo
-from experiments.registry import Pair, get_variant
-from experiments.svi import svi_step
+from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.objectives import make_elbo
+from vae_priors.experiments.training.svi import svi_step
 
 X_DIM, HIDDEN, LATENT_DIM, NUM_POINTS, CLIP_NORM, LR = 784, [300, 300], 40, 60_000, 10.0, 1e-3
 
@@ -60,10 +59,10 @@ def step_flops(pair: Pair, batch_size: int) -> float:
 
 
 def pyro_step(pair: Pair, before: bool = False) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """The step of ``experiments.svi.fit`` (which validates on its first step only); ``before``: the step as it
+    """The step of ``experiments.training.svi.fit`` (which validates on its first step only); ``before``: the step as it
     was before tuning (Pyro validation in every step)."""
     objective = pair.objective(make_elbo("trace"))
-    optimizer = torch.optim.Adam(objective.parameters(), lr=LR, foreach=True)  # as experiments.svi.fit
+    optimizer = torch.optim.Adam(objective.parameters(), lr=LR, foreach=True)  # as experiments.training.svi.fit
     return lambda x, index: svi_step(objective, optimizer, (x,), index, NUM_POINTS, beta=1.0, clip_norm=CLIP_NORM,
                                      validate=before)
 

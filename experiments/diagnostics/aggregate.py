@@ -29,11 +29,15 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 from torch.distributions.kl import kl_divergence
-
-from experiments.data import Split
-from experiments.distribution_batches import batch_tensors, cat_batch, map_batch, shared_component
-from experiments.registry import Pair
-from models.plate import subsample
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.diagnostics.distribution_batches import (
+    batch_tensors,
+    cat_batch,
+    map_batch,
+    shared_component,
+)
+from vae_priors.experiments.registry import Pair
+from vae_priors.models.plate import subsample
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 A ``Dataset`` holds three ``Split``s (train / val / test). Unconditional pairs read ``x``; conditional
 pairs read ``x`` (the input) and ``y`` (what to predict). File formats (MNIST IDX, binarized-MNIST
-``.amat``/``.npz``) are read by ``experiments.data_files``; synthetic data with known parameters by
-``experiments.synthetic``.
+``.amat``/``.npz``) are read by ``vae_priors.experiments.data.formats``; synthetic data with known parameters by
+``vae_priors.experiments.data.synthetic``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-
-from models.likelihoods import check_support
+from vae_priors.models.likelihoods import check_support
 
 DATA_SEED = 0  # fixes the split and the static binarization: part of the data set, not of a run
 

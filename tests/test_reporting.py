@@ -7,9 +7,8 @@ import math
 
 import pandas as pd
 from matplotlib.figure import Figure
-
-from experiments import plots
-from experiments.report import Plot, VariantSection, render, table_html
+from vae_priors.experiments.reporting import plots
+from vae_priors.experiments.reporting.report import Plot, VariantSection, render, table_html
 
 
 def test_table_shows_standard_errors_only_where_positive_and_escapes_names():

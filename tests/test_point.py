@@ -3,17 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
-from experiments.point_diagnostics import inference_arrays, khat_threshold, point_diagnostics
-from experiments.registry import Pair
-from experiments.synthetic import (
+from vae_priors.experiments.data.synthetic import (
     conditional_linear_gaussian_parameters,
     linear_gaussian_dataset,
     linear_gaussian_parameters,
     sample_conditional,
 )
-from guides.local_normal import LocalNormalGuide
-from models.linear_gaussian import ExactConditionalGuide, ExactPosteriorGuide
+from vae_priors.experiments.diagnostics.point import inference_arrays, khat_threshold, point_diagnostics
+from vae_priors.experiments.registry import Pair
+from vae_priors.guides.local_normal import LocalNormalGuide
+from vae_priors.models.linear_gaussian import ExactConditionalGuide, ExactPosteriorGuide
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Tests of experiments.evaluation: the importance-sampled log p(x) against PPCA's closed form, and the refit of
-a per-point guide on test points."""
+"""Tests of experiments.evaluation.importance: the importance-sampled log p(x) against PPCA closed forms,
+and the refit of a per-point guide on test points."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
-
-from experiments.config import SVIConfig
-from experiments.data import Split
-from experiments.evaluation import evaluate
-from experiments.log_weights import log_weights
-from experiments.registry import Pair, get_variant
-from experiments.svi import fit
-from models.linear_gaussian import ExactPosteriorGuide
+from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.evaluation.importance import evaluate
+from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.svi import fit
+from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 
 
 def test_exact_posterior_guide_gives_the_exact_log_marginal_and_elbo(ppca, ppca_x):

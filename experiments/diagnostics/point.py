@@ -1,10 +1,10 @@
 """Per-data-point diagnostics of any pair: importance-sampled log p(x_n), its PSIS version and Pareto k-hat,
-the ELBO and KL(q(z|x_n) || p(z)) -- all read from Pyro traces (``experiments.log_weights``).
+the ELBO and KL(q(z|x_n) || p(z)) -- all read from Pyro traces (``vae_priors.experiments.evaluation.log_weights``).
 
     log p(x_n) ~= log 1/S sum_s w_s,   w_s = p(x_n, z_s) / q(z_s|x_n),   z_s ~ q(z|x_n)   (Burda et al. 2016)
 
-PSIS (Yao et al. 2018; ArviZ ``psislw``, through ``experiments.arviz_adapter``) replaces the largest weights by
-a fitted generalized Pareto tail; its shape k-hat says whether the estimate can be trusted: k-hat above
+PSIS (Yao et al. 2018; ArviZ ``psislw``, through ``arviz_adapter``) replaces the largest weights by a fitted
+generalized Pareto tail; its shape k-hat says whether the estimate can be trusted: k-hat above
 min(1 - 1/log10 S, 0.7) means the proposal q(z|x_n) is too narrow for p(z|x_n) and the estimate is unreliable.
 For conditional pairs the same numbers are about log p(y_n|x_n) with q(z|x_n, y_n) as proposal, and
 ``kl_prior_standard`` = KL(p(z|x_n) || N(0, I)) says how far the x-conditioned prior moves from the independent one.
@@ -20,14 +20,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
-
-from experiments import arviz_adapter
-from experiments.aggregate import point_kl, posterior_components, prior_components
-from experiments.data import Split
-from experiments.distribution_batches import map_batch
-from experiments.evaluation import evaluation_guide
-from experiments.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
-from experiments.registry import Pair
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.diagnostics.aggregate import point_kl, posterior_components, prior_components
+from vae_priors.experiments.diagnostics.distribution_batches import map_batch
+from vae_priors.experiments.evaluation.importance import evaluation_guide
+from vae_priors.experiments.evaluation.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
+from vae_priors.experiments.registry import Pair
 
 khat_threshold = arviz_adapter.khat_threshold
 
@@ -72,7 +71,7 @@ def point_diagnostics(pair: Pair, split: Split, num_particles: int = 1000, seed:
     """Per-point diagnostics on ``split`` with ``num_particles`` importance samples per point.
 
     Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
-    no site holds more than ``max_elements`` numbers (``experiments.log_weights``).
+    no site holds more than ``max_elements`` numbers (``vae_priors.experiments.evaluation.log_weights``).
     """
     guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
     args = split.tensors()

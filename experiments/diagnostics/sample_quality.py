@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from experiments.data import Split
-from experiments.files import atomic_path
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.files import atomic_path
 
 FEATURE_DIM = 64
 HIDDEN = 256

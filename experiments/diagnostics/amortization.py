@@ -16,13 +16,12 @@ import math
 
 import pyro
 import torch
-
-from experiments.aggregate import posterior_components
-from experiments.data import Split
-from experiments.evaluation import fit_guide_frozen_model
-from experiments.log_weights import log_weights
-from experiments.registry import Pair
-from guides.local_normal import LocalNormalGuide
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.diagnostics.aggregate import posterior_components
+from vae_priors.experiments.evaluation.importance import fit_guide_frozen_model
+from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.experiments.registry import Pair
+from vae_priors.guides.local_normal import LocalNormalGuide
 
 
 def fit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed: int = 0) -> LocalNormalGuide:

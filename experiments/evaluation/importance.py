@@ -19,10 +19,9 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
-
-from experiments.data import Split
-from experiments.log_weights import LogWeights, log_weights
-from experiments.registry import Pair
+from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.evaluation.log_weights import LogWeights, log_weights
+from vae_priors.experiments.registry import Pair
 
 
 @dataclass

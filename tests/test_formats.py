@@ -1,4 +1,4 @@
-"""Tests of experiments.data_files on small IDX / .amat / .npz files written here, and on the real files in shared/."""
+"""Tests of experiments.data.formats on small IDX, .amat and .npz files written here, and on the files in shared/."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from experiments.config import DataConfig
-from experiments.data import validate
-from experiments.data_files import (
+from vae_priors.experiments.config import DataConfig
+from vae_priors.experiments.data.datasets import validate
+from vae_priors.experiments.data.formats import (
     BINARIZED_AMAT,
     BINARIZED_NPZ,
     IDX_FILES,

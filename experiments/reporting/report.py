@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-
-from experiments.files import write_text
+from vae_priors.experiments.files import write_text
 
 # Column of diagnostics.csv -> (header shown in the report, how to read it). Columns not listed are shown as is.
 COLUMN_HELP: dict[str, tuple[str, str]] = {

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from experiments.config import DataConfig
-from experiments.data import Dataset, Split
-from experiments.synthetic import load_linear_gaussian
+from vae_priors.experiments.config import DataConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.data.synthetic import load_linear_gaussian
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)

@@ -17,11 +17,11 @@ import pyro
 import torch
 from torch import nn
 
-from experiments import config as configs
-from experiments.config import DataConfig, RunConfig
-from experiments.data import Dataset, binarize, load_digits, quadrant_task, validate
-from experiments.files import save_torch
-from experiments.registry import Pair, get_variant
+from vae_priors.experiments import config as configs
+from vae_priors.experiments.config import DataConfig, RunConfig
+from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits, quadrant_task, validate
+from vae_priors.experiments.files import save_torch
+from vae_priors.experiments.registry import Pair, get_variant
 
 
 @dataclass
@@ -44,7 +44,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """The data set named in ``cfg`` (before binarization)."""
     if cfg.name == "digits":
         return load_digits()
-    from experiments import data_files  # file formats: only imported when a path-based data set is asked for
+    from vae_priors.experiments.data import formats as data_files  # file formats: only imported when a path-based data set is asked for
 
     return data_files.load_named(cfg)
 

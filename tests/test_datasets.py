@@ -1,4 +1,4 @@
-"""Tests of experiments.data: embedded digits, quadrant task, binarization and the checks in validate()."""
+"""Tests of experiments.data.datasets: embedded digits, quadrant task, binarization and the checks in validate()."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from experiments.config import ModelConfig, SVIConfig
-from experiments.data import (
+from vae_priors.experiments.config import ModelConfig, SVIConfig
+from vae_priors.experiments.data.datasets import (
     Dataset,
     Split,
     binarize,
@@ -18,8 +17,8 @@ from experiments.data import (
     split_indices,
     validate,
 )
-from experiments.registry import Pair, get_variant
-from experiments.svi import fit
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.svi import fit
 
 
 def grey_dataset(n: tuple[int, int, int] = (30, 10, 10), dim: int = 16, value: float = 0.3,

@@ -6,13 +6,12 @@ import re
 
 import pandas as pd
 import pytest
-
-from experiments import config as configs
-from experiments.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SVIConfig
-from experiments.diagnose import COLUMNS, diagnose_run
-from experiments.files import write_text
-from experiments.runs import build_pair, load_run_data, save_pair
-from experiments.svi import fit
+from vae_priors.experiments import config as configs
+from vae_priors.experiments.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SVIConfig
+from vae_priors.experiments.files import write_text
+from vae_priors.experiments.runs.diagnose import COLUMNS, diagnose_run
+from vae_priors.experiments.runs.layout import build_pair, load_run_data, save_pair
+from vae_priors.experiments.training.svi import fit
 
 VARIANTS = ["vae", "vae-local-guide", "cvae"]
 

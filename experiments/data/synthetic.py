@@ -5,10 +5,9 @@ posteriors are known in closed form (``models.linear_gaussian``), so diagnostics
 from __future__ import annotations
 
 import torch
-
-from experiments.config import DataConfig
-from experiments.data import Dataset, Split
-from models.linear_gaussian import PPCA, ConditionalLinearGaussian, orthogonal_columns
+from vae_priors.experiments.config import DataConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.models.linear_gaussian import PPCA, ConditionalLinearGaussian, orthogonal_columns
 
 
 def linear_gaussian_parameters(x_dim: int = 8, latent_dim: int = 4, noise: float = 0.5,
@@ -60,7 +59,7 @@ def linear_gaussian_dataset(ppca: PPCA | None = None, num_train: int = 2000, num
 
 
 def load_linear_gaussian(cfg: DataConfig) -> Dataset:
-    """The ``"linear-gaussian"`` entry of ``experiments.data_files.LOADERS`` (real-valued x, no files)."""
+    """The ``"linear-gaussian"`` entry of ``vae_priors.experiments.data.formats.LOADERS`` (real-valued x, no files)."""
     if cfg.binarize != "none" or cfg.likelihood != "gaussian":
         raise ValueError("linear-gaussian data are real-valued: set data.binarize = \"none\" and "
                          "data.likelihood = \"gaussian\"")

@@ -108,7 +108,7 @@ class AggregatePosteriorSampler:
         self.components = components
 
     def sample(self, num: int, seed: int) -> torch.Tensor:
-        from experiments.aggregate import sample_q_agg
+        from vae_priors.experiments.diagnostics.aggregate import sample_q_agg
 
         return sample_q_agg(self.components, num, seed)
 

@@ -23,13 +23,12 @@ import pyro
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-from experiments.config import SVIConfig
-from experiments.data import Dataset, Split
-from experiments.files import save_torch
-from experiments.objectives import kl_weight, make_elbo
-from experiments.registry import Pair
-from models.plate import subsample
+from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.files import save_torch
+from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training.objectives import kl_weight, make_elbo
+from vae_priors.models.plate import subsample
 
 
 class NonFiniteLossError(RuntimeError):

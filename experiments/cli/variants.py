@@ -1,0 +1,15 @@
+"""``vae-priors list``: the registered variants, one per line."""
+
+from __future__ import annotations
+
+import argparse
+
+from vae_priors.experiments.registry import VARIANTS
+
+
+def command_list(args: argparse.Namespace) -> int:
+    width = max(len(name) for name in VARIANTS)
+    for variant in VARIANTS.values():
+        kind = "p(y|x)" if variant.conditional else "p(x)  "
+        print(f"{variant.name:<{width}}  {kind}  {variant.description}")
+    return 0

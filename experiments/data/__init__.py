@@ -1,0 +1,1 @@
+"""Data sets: the embedded digits, file formats, synthetic data with known parameters."""

@@ -1,0 +1,1 @@
+"""Held-out evaluation: per-point importance log weights and the importance-sampled log-likelihood."""

@@ -1,0 +1,1 @@
+"""Reporting: figures and the self-contained HTML report."""
