@@ -34,9 +34,11 @@ class DataConfig:
 class ModelConfig:
     latent_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [128, 128])
+    layer: str = "relu"  # relu | gated (the VampPrior reference code's gated dense layers, He init, clamped log-var)
     hybrid_alpha: float = 0.5  # cvae-hybrid: alpha * CVAE + (1 - alpha) * GSNN
     num_pseudo_inputs: int = 500  # vae-vamp: K pseudo-inputs
     learn_mixture_weights: bool = False  # vae-vamp: learned mixture logits instead of uniform weights
+    pseudo_inputs: str = "data"  # vae-vamp: data (sigmoid, from training points) | reference (hardtanh, N(0.05, .01))
     exemplar_variance: str = "encoder"  # vae-exemplar: encoder (aggregated posterior) | shared (one learned s)
     exemplar_path: str = "auto"  # vae-exemplar: exact | scalable | auto (scalable above exemplar_exact_max points)
     exemplar_exact_max: int = 5000
@@ -67,6 +69,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    threads: int = 0  # torch intra-op threads per process; 0 = this process's share of the cores
     variants: list[str] = field(default_factory=list)  # empty = every registered variant
     diagnose: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -114,6 +117,8 @@ CHOICES = {
     ("data", "binarize"): ("none", "static", "dynamic"),
     ("data", "likelihood"): ("bernoulli", "gaussian"),
     ("data", "quadrants"): (1, 2, 3),
+    ("model", "layer"): ("relu", "gated"),
+    ("model", "pseudo_inputs"): ("data", "reference"),
     ("model", "exemplar_variance"): ("encoder", "shared"),
     ("model", "exemplar_path"): ("auto", "exact", "scalable"),
     ("svi", "objective"): ("trace", "meanfield", "iwae"),
@@ -141,6 +146,8 @@ def check(config: RunConfig) -> RunConfig:
     for key in ("warmup_epochs",):
         if getattr(config.svi, key) < 0:
             raise ConfigError(f"svi.{key} must be >= 0, got {getattr(config.svi, key)}")
+    if config.threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0 = this process's share of the cores), got {config.threads}")
     if config.data.max_train < 0 or config.eval.local_refit_steps < 0:
         raise ConfigError("data.max_train and eval.local_refit_steps must be >= 0")
     return config

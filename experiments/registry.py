@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from pyro.infer import ELBO
 from torch import nn
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import Dataset
 from vae_priors.guides.amortized_normal import AmortizedNormalGuide, ConditionalAmortizedNormalGuide, PriorNetGuide
@@ -105,14 +106,18 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+def _encoder(data: Dataset, cfg: ModelConfig) -> AmortizedNormalGuide:
+    return AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim, cfg.layer)
+
+
 def _vae(data: Dataset, cfg: ModelConfig, likelihood: str, prior: nn.Module, guide: nn.Module) -> Pair:
-    decoder = MLPDecoder(cfg.latent_dim, cfg.hidden[::-1], data.x_dim)
+    decoder = MLPDecoder(cfg.latent_dim, cfg.hidden[::-1], data.x_dim, cfg.layer)
     return Pair(VAE(prior, decoder, make_likelihood(likelihood, data.x_dim)), guide)
 
 
 @register("vae", "N(0, I) prior, MLP decoder p(x|z), amortized Gaussian guide q(z|x)")
 def vae(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    guide = _encoder(data, cfg)
     return _vae(data, cfg, likelihood, StandardNormalPrior(cfg.latent_dim), guide)
 
 
@@ -129,19 +134,23 @@ def vae_local_guide(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
 
 @register("vae-vamp", "VampPrior: p(z) = 1/K sum_k q(z|u_k) over K learned pseudo-inputs (Tomczak & Welling 2018)")
 def vae_vamp(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    guide = _encoder(data, cfg)
     n = len(data.train)
     if not 1 <= cfg.num_pseudo_inputs <= n:
         raise ValueError(f"model.num_pseudo_inputs = {cfg.num_pseudo_inputs} must be in [1, {n}] (they start at "
                          "distinct training points); lower it or use more training data")
-    init = data.train.x[torch.randperm(n)[: cfg.num_pseudo_inputs]]
-    prior = VampPrior(guide, init, bounded=likelihood == "bernoulli", learn_weights=cfg.learn_mixture_weights)
+    bounded = likelihood == "bernoulli"
+    if cfg.pseudo_inputs == "reference" and bounded:
+        init, link = VampPrior.reference_init(cfg.num_pseudo_inputs, data.x_dim), "hardtanh"
+    else:
+        init, link = data.train.x[torch.randperm(n)[: cfg.num_pseudo_inputs]], "sigmoid"
+    prior = VampPrior(guide, init, bounded=bounded, learn_weights=cfg.learn_mixture_weights, link=link)
     return _vae(data, cfg, likelihood, prior, guide)
 
 
 @register("vae-exemplar", "exemplar prior: 1/(N-1) sum_{m != n} r(z|x_m) over training points (Norouzi et al. 2020)")
 def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    guide = AmortizedNormalGuide(data.x_dim, cfg.hidden, cfg.latent_dim)
+    guide = _encoder(data, cfg)
     if cfg.exemplar_path not in ("auto", "exact", "scalable"):
         raise ValueError(f"model.exemplar_path = {cfg.exemplar_path!r} is unknown; choose auto, exact or scalable")
     path = cfg.exemplar_path
@@ -152,15 +161,19 @@ def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
     return _vae(data, cfg, likelihood, prior, guide)
 
 
+def _prior_net(data: Dataset, cfg: ModelConfig) -> ConditionalNormalPrior:
+    return ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim, cfg.layer)
+
+
 def _cvae(data: Dataset, cfg: ModelConfig, likelihood: str, prior: nn.Module) -> tuple[ConditionalVAE, nn.Module]:
-    decoder = ConditionalMLPDecoder(data.x_dim, cfg.latent_dim, cfg.hidden[::-1], data.y_dim)
+    decoder = ConditionalMLPDecoder(data.x_dim, cfg.latent_dim, cfg.hidden[::-1], data.y_dim, cfg.layer)
     model = ConditionalVAE(prior, decoder, make_likelihood(likelihood, data.y_dim))
-    return model, ConditionalAmortizedNormalGuide(data.x_dim, data.y_dim, cfg.hidden, cfg.latent_dim)
+    return model, ConditionalAmortizedNormalGuide(data.x_dim, data.y_dim, cfg.hidden, cfg.latent_dim, cfg.layer)
 
 
 @register("cvae", "Sohn et al. CVAE: prior net p(z|x), recognition q(z|x,y), generation p(y|x,z)", True)
 def cvae(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    prior = ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim)
+    prior = _prior_net(data, cfg)
     return Pair(*_cvae(data, cfg, likelihood, prior), conditional=True)
 
 
@@ -171,11 +184,11 @@ def cvae_independent_prior(data: Dataset, cfg: ModelConfig, likelihood: str) -> 
 
 @register("gsnn", "GSNN: p(y|x,z) trained with z ~ p(z|x) from the prior net (no recognition net)", True)
 def gsnn(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    model, _ = _cvae(data, cfg, likelihood, ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim))
+    model, _ = _cvae(data, cfg, likelihood, _prior_net(data, cfg))
     return Pair(model, PriorNetGuide(model.prior), conditional=True)
 
 
 @register("cvae-hybrid", "alpha * CVAE + (1 - alpha) * GSNN objective (Sohn et al. section 4.2)", True)
 def cvae_hybrid(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
-    model, guide = _cvae(data, cfg, likelihood, ConditionalNormalPrior(data.x_dim, cfg.hidden, cfg.latent_dim))
+    model, guide = _cvae(data, cfg, likelihood, _prior_net(data, cfg))
     return HybridPair(model, guide, conditional=True, alpha=cfg.hybrid_alpha, prior_guide=PriorNetGuide(model.prior))

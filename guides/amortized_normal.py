@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+
 from vae_priors.models.networks import NormalHead
 from vae_priors.models.plate import data_plate
 
@@ -21,10 +22,10 @@ class AmortizedNormalGuide(nn.Module):
 
     amortized = True
 
-    def __init__(self, x_dim: int, hidden: Sequence[int], latent_dim: int):
+    def __init__(self, x_dim: int, hidden: Sequence[int], latent_dim: int, layer: str = "relu"):
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = NormalHead(x_dim, hidden, latent_dim)
+        self.net = NormalHead(x_dim, hidden, latent_dim, layer=layer)
 
     def encode(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.net(x)
@@ -40,10 +41,10 @@ class ConditionalAmortizedNormalGuide(nn.Module):
 
     amortized = True
 
-    def __init__(self, x_dim: int, y_dim: int, hidden: Sequence[int], latent_dim: int):
+    def __init__(self, x_dim: int, y_dim: int, hidden: Sequence[int], latent_dim: int, layer: str = "relu"):
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = NormalHead(x_dim + y_dim, hidden, latent_dim)
+        self.net = NormalHead(x_dim + y_dim, hidden, latent_dim, layer=layer)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:

@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from vae_priors.models.plate import data_plate
 
 

@@ -7,15 +7,16 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
 from vae_priors.models.networks import mlp
 
 
 class MLPDecoder(nn.Module):
     """z -> likelihood parameters (Bernoulli logits or Gaussian means) of an ``out_dim`` vector."""
 
-    def __init__(self, latent_dim: int, hidden: Sequence[int], out_dim: int):
+    def __init__(self, latent_dim: int, hidden: Sequence[int], out_dim: int, layer: str = "relu"):
         super().__init__()
-        self.net = mlp(latent_dim, hidden, out_dim)
+        self.net = mlp(latent_dim, hidden, out_dim, layer)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -28,9 +29,9 @@ class ConditionalMLPDecoder(nn.Module):
     independent of x (the trap in Pyro's CVAE example).
     """
 
-    def __init__(self, x_dim: int, latent_dim: int, hidden: Sequence[int], y_dim: int):
+    def __init__(self, x_dim: int, latent_dim: int, hidden: Sequence[int], y_dim: int, layer: str = "relu"):
         super().__init__()
-        self.net = mlp(x_dim + latent_dim, hidden, y_dim)
+        self.net = mlp(x_dim + latent_dim, hidden, y_dim, layer)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x = x.expand(z.shape[:-1] + x.shape[-1:])  # z may carry extra particle dims on the left

@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+
 from vae_priors.models.cvae import ConditionalVAE
 from vae_priors.models.plate import data_plate
 from vae_priors.models.priors import StandardNormalPrior

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 
 
@@ -54,23 +55,41 @@ class _MixtureOfPosteriors(nn.Module):
 class VampPrior(_MixtureOfPosteriors):
     """p(z) = sum_k w_k q(z | u_k) over K learnable pseudo-inputs u_k (Tomczak & Welling 2018, eq. 9).
 
-    For data in [0, 1] (``bounded=True``) u_k = sigmoid(a_k), so pseudo-inputs stay in the data's range;
-    a_k starts at logit(clip(x_k, 0.01, 0.99)) for K random training points x_k. Unbounded data: u_k = a_k.
-    Weights are uniform, or softmax of learned logits with ``learn_weights``. The index is not used.
+    For data in [0, 1] (``bounded=True``) the pseudo-inputs stay in the data's range through ``link``:
+
+    * ``"sigmoid"``: u_k = sigmoid(a_k), a_k starting at logit(clip(x_k, 0.01, 0.99)) for the ``init_points``
+      (K random training points, say);
+    * ``"hardtanh"`` (the reference code's): u_k = Hardtanh(0, 1)(a_k), a_k starting at ``init_points`` as given
+      (there: N(0.05, 0.01^2) noise, ``reference_init``).
+
+    Unbounded data: u_k = a_k. Weights are uniform, or softmax of learned logits with ``learn_weights``.
+    The index is not used.
     """
 
     def __init__(self, guide: nn.Module, init_points: torch.Tensor, bounded: bool = True,
-                 learn_weights: bool = False, max_elements: int = DEFAULT_MAX_ELEMENTS):
+                 learn_weights: bool = False, max_elements: int = DEFAULT_MAX_ELEMENTS, link: str = "sigmoid"):
         super().__init__(guide, max_elements)
-        self.bounded = bounded
-        raw = torch.logit(init_points.clamp(0.01, 0.99)) if bounded else init_points.clone()
+        if link not in ("sigmoid", "hardtanh"):
+            raise ValueError(f"pseudo-input link {link!r} is unknown; choose \"sigmoid\" or \"hardtanh\"")
+        self.bounded, self.link = bounded, link
+        sigmoid = bounded and link == "sigmoid"
+        raw = torch.logit(init_points.clamp(0.01, 0.99)) if sigmoid else init_points.clone()
         self.raw_pseudo_inputs = nn.Parameter(raw)
         logits = torch.zeros(init_points.shape[0])
         self.logits = nn.Parameter(logits) if learn_weights else nn.Buffer(logits)
 
+    @staticmethod
+    def reference_init(num: int, dim: int, mean: float = 0.05, std: float = 0.01) -> torch.Tensor:
+        """The reference code's starting pseudo-inputs for binary MNIST: (num, dim) draws from N(mean, std^2)."""
+        return mean + std * torch.randn(num, dim)
+
     @property
     def pseudo_inputs(self) -> torch.Tensor:
-        return torch.sigmoid(self.raw_pseudo_inputs) if self.bounded else self.raw_pseudo_inputs
+        if not self.bounded:
+            return self.raw_pseudo_inputs
+        if self.link == "hardtanh":
+            return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0)
+        return torch.sigmoid(self.raw_pseudo_inputs)
 
     def forward(self, index: torch.Tensor) -> GaussianMixture:
         loc, scale = self._encode(self.pseudo_inputs, self.raw_pseudo_inputs)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import nn
+
 from vae_priors.models.networks import NormalHead
 
 
@@ -33,10 +34,10 @@ class StandardNormalPrior(nn.Module):
 class ConditionalNormalPrior(nn.Module):
     """Prior network p(z|x) = N(mu(x), diag sigma(x)^2) (Sohn et al. 2015, the CVAE's conditional prior)."""
 
-    def __init__(self, x_dim: int, hidden: Sequence[int], latent_dim: int):
+    def __init__(self, x_dim: int, hidden: Sequence[int], latent_dim: int, layer: str = "relu"):
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = NormalHead(x_dim, hidden, latent_dim)
+        self.net = NormalHead(x_dim, hidden, latent_dim, layer=layer)
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.net(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro
 import torch
 from torch import nn
+
 from vae_priors.models.plate import data_plate
 
 

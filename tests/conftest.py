@@ -7,6 +7,7 @@ from dataclasses import replace
 import pyro
 import pytest
 import torch
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits
 from vae_priors.experiments.data.synthetic import linear_gaussian_parameters, sample_ppca

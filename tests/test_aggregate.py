@@ -6,6 +6,7 @@ import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
+
 from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.data.synthetic import linear_gaussian_dataset, linear_gaussian_parameters
 from vae_priors.experiments.diagnostics.aggregate import (

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from vae_priors.experiments.diagnostics import arviz_adapter
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from vae_priors.experiments.registry import VARIANTS
 
 TINY = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from vae_priors.experiments import config as configs
 from vae_priors.experiments.config import ConfigError, RunConfig
 

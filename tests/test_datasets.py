@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
 from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.data.datasets import (
     Dataset,

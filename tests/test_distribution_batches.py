@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pytest
 import torch
+
 from vae_priors.experiments.diagnostics.distribution_batches import cat_batch, map_batch, shared_component
 from vae_priors.models.mixture_distributions import GaussianMixture
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from vae_priors.experiments.config import DataConfig
 from vae_priors.experiments.data.datasets import validate
 from vae_priors.experiments.data.formats import (

@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import load_digits
 from vae_priors.experiments.diagnostics import generation

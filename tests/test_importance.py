@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.evaluation.importance import evaluate

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from vae_priors.experiments.config import DataConfig
 from vae_priors.experiments.data.synthetic import (
     conditional_linear_gaussian_parameters,

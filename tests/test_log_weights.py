@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+
 from vae_priors.experiments.evaluation.log_weights import chunk_size, log_weights
 from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 from vae_priors.models.plate import data_plate

@@ -10,6 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+
 from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.data.datasets import binarize, load_digits
 from vae_priors.experiments.evaluation.importance import evaluate

@@ -11,6 +11,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.infer import Trace_ELBO
 from torch import nn
+
 from vae_priors.experiments.training.objectives import IWAE, kl_weight, make_elbo
 from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 from vae_priors.models.plate import data_plate, subsample

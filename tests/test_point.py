@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from vae_priors.experiments.data.synthetic import (
     conditional_linear_gaussian_parameters,
     linear_gaussian_dataset,

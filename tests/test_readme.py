@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.diagnostics.point import point_diagnostics
 from vae_priors.experiments.evaluation.importance import evaluate

@@ -11,6 +11,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from torch import nn
+
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split, quadrant_task
 from vae_priors.experiments.evaluation.importance import evaluate

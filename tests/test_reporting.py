@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 from matplotlib.figure import Figure
+
 from vae_priors.experiments.reporting import plots
 from vae_priors.experiments.reporting.report import Plot, VariantSection, render, table_html
 

@@ -6,6 +6,7 @@ import re
 
 import pandas as pd
 import pytest
+
 from vae_priors.experiments import config as configs
 from vae_priors.experiments.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SVIConfig
 from vae_priors.experiments.files import write_text

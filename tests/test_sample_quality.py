@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+
 from vae_priors.experiments.data.datasets import Split, load_digits
 from vae_priors.experiments.diagnostics import sample_quality
 from vae_priors.experiments.diagnostics.sample_quality import (

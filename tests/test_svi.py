@@ -9,6 +9,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
+
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.registry import Pair, get_variant

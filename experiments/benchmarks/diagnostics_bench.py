@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.diagnostics import arviz_adapter

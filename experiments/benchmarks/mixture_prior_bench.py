@@ -24,6 +24,7 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.registry import get_variant

@@ -31,6 +31,7 @@ import pyro
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from vae_priors.experiments.config import ModelConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.registry import Pair, get_variant

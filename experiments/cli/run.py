@@ -10,14 +10,24 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import tomli_w
 import torch
+
 from vae_priors.experiments import config as configs
 from vae_priors.experiments.cli import UsageError
 from vae_priors.experiments.config import RunConfig
 from vae_priors.experiments.evaluation.importance import evaluate
 from vae_priors.experiments.files import save_torch, write_csv, write_text
 from vae_priors.experiments.registry import VARIANTS, get_variant
-from vae_priors.experiments.runs.layout import build_pair, load_run_data, save_pair, test_guide_path
+from vae_priors.experiments.runs.layout import (
+    build_pair,
+    load_run_data,
+    pointwise_path,
+    save_pair,
+    test_guide_path,
+    write_pointwise,
+)
+from vae_priors.experiments.runtime import provenance, set_threads
 from vae_priors.experiments.training.svi import fit
 
 
@@ -27,6 +37,8 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.seed = args.seed
     if args.epochs is not None:
         config.svi.epochs = args.epochs
+    if args.threads is not None:
+        config.threads = args.threads
     if args.variants:
         config.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not config.variants:
@@ -67,9 +79,11 @@ def _format_table(metrics: pd.DataFrame) -> str:
 
 def command_run(args: argparse.Namespace) -> int:
     config = _resolve_config(args)
+    threads = set_threads(config.threads)
     data = load_run_data(config.data)  # bad data fails here, before anything is written
     run_dir = _new_run_dir(args, config)
     write_text(run_dir / "config.toml", configs.dumps(config))
+    write_text(run_dir / "provenance.toml", tomli_w.dumps(provenance(threads)))
     print(f"run directory: {run_dir}")
     histories, metrics = [], []
     for name in config.variants:
@@ -81,6 +95,7 @@ def command_run(args: argparse.Namespace) -> int:
         save_pair(pair, run_dir / "pairs" / f"{name}.pt")
         evaluation = evaluate(pair, dataset.test.to(config.svi.device),
                               config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
+        write_pointwise(evaluation, pointwise_path(run_dir, name))
         if evaluation.guide is not pair.guide:  # a per-point guide fitted on the test points: diagnose reuses it
             save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
         histories.append(result.history.assign(variant=name))

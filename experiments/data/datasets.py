@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
 from vae_priors.models.likelihoods import check_support
 
 DATA_SEED = 0  # fixes the split and the static binarization: part of the data set, not of a run

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vae_priors.experiments.config import DataConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.data.synthetic import load_linear_gaussian

@@ -5,6 +5,7 @@ posteriors are known in closed form (``models.linear_gaussian``), so diagnostics
 from __future__ import annotations
 
 import torch
+
 from vae_priors.experiments.config import DataConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.models.linear_gaussian import PPCA, ConditionalLinearGaussian, orthogonal_columns

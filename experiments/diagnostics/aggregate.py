@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 from torch.distributions.kl import kl_divergence
+
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.diagnostics.distribution_batches import (
     batch_tensors,

@@ -16,6 +16,7 @@ import math
 
 import pyro
 import torch
+
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.diagnostics.aggregate import posterior_components
 from vae_priors.experiments.evaluation.importance import fit_guide_frozen_model

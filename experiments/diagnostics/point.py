@@ -20,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import point_kl, posterior_components, prior_components

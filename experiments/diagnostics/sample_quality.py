@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.files import atomic_path
 

@@ -19,6 +19,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
+
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.evaluation.log_weights import LogWeights, log_weights
 from vae_priors.experiments.registry import Pair

@@ -21,6 +21,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
 from torch import nn
+
 from vae_priors.models.plate import subsample
 
 DEFAULT_MAX_ELEMENTS = 2**24  # 64 MB of float32 per site and chunk

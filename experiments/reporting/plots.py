@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
 from vae_priors.experiments.files import atomic_path
 
 PRIOR_COLOR, QAGG_COLOR = "tab:gray", "tab:blue"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
 from vae_priors.experiments.files import write_text
 
 # Column of diagnostics.csv -> (header shown in the report, how to read it). Columns not listed are shown as is.

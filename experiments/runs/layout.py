@@ -6,13 +6,17 @@
     RUN_DIR/checkpoints/NAME.pt    resumable training state (last epoch)
     RUN_DIR/pairs/NAME.pt          the trained pair (best epoch): {"model": state_dict, "guide": state_dict}
     RUN_DIR/pairs/test-guides/NAME.pt   a non-amortized pair's guide fitted on the test points (decoder frozen)
+    RUN_DIR/pointwise/NAME.csv     one row per test point: importance-sampled log-likelihood, ELBO, PSIS estimate, k-hat
+    RUN_DIR/provenance.toml        code and library versions, machine, torch threads
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pandas as pd
 import pyro
 import torch
 from torch import nn
@@ -20,7 +24,9 @@ from torch import nn
 from vae_priors.experiments import config as configs
 from vae_priors.experiments.config import DataConfig, RunConfig
 from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits, quadrant_task, validate
-from vae_priors.experiments.files import save_torch
+from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.evaluation.importance import Evaluation
+from vae_priors.experiments.files import save_torch, write_csv
 from vae_priors.experiments.registry import Pair, get_variant
 
 
@@ -69,6 +75,26 @@ def build_pair(config: RunConfig, data: RunData, variant: str, seed: int | None 
 
 def save_pair(pair: Pair, path: Path) -> None:
     save_torch({"model": pair.model.state_dict(), "guide": pair.guide.state_dict()}, path)
+
+
+def pointwise_path(run_dir: str | Path, variant: str) -> Path:
+    return Path(run_dir) / "pointwise" / f"{variant}.csv"
+
+
+def write_pointwise(evaluation: Evaluation, path: Path) -> pd.DataFrame:
+    """Per test point: the importance-sampled log-likelihood and ELBO, the PSIS-smoothed estimate and its k-hat.
+
+    Paired comparisons between variants (the same test points) are made from these files.
+    """
+    log_w = evaluation.weights.log_w.double()
+    smoothed, khat = arviz_adapter.psis(log_w.T.cpu().numpy())
+    log_s = math.log(log_w.shape[0])
+    frame = pd.DataFrame({"point": range(log_w.shape[1]),
+                          "log_lik": evaluation.per_point_log_likelihood().cpu().numpy(),
+                          "elbo": evaluation.per_point_elbo().cpu().numpy(),
+                          "log_lik_psis": torch.from_numpy(smoothed).logsumexp(-1).numpy() - log_s, "khat": khat})
+    write_csv(path, frame)
+    return frame
 
 
 def test_guide_path(run_dir: str | Path, variant: str) -> Path:

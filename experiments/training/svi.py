@@ -23,6 +23,7 @@ import pyro
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.files import save_torch
