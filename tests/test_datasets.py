@@ -64,8 +64,9 @@ def test_split_indices_partition_every_point_exactly_once():
 def test_quadrant_task_cuts_the_visible_quadrants_into_x_and_the_rest_into_y(size, visible):
     task = quadrant_task(pixel_id_dataset(size), visible)
     half = size // 2
-    # Brute force: quadrants numbered row-major (top-left 0, top-right 1, bottom-left 2, bottom-right 3).
-    in_x = [r * size + c for r in range(size) for c in range(size) if 2 * (r >= half) + (c >= half) < visible]
+    # Brute force, Pyro's order: bottom-left first, then top-left, then top-right; bottom-right is always hidden.
+    order = {(True, False): 0, (False, False): 1, (False, True): 2, (True, True): 3}
+    in_x = [r * size + c for r in range(size) for c in range(size) if order[r >= half, c >= half] < visible]
     in_y = sorted(set(range(size * size)) - set(in_x))
     assert task.x_dim == visible * half * half and task.y_dim == (4 - visible) * half * half
     assert task.conditional and task.name == f"ids-quadrants{visible}"

@@ -148,8 +148,10 @@ def binarize(data: Dataset, mode: str) -> Dataset:
     return replace(data, train=train, val=b(data.val, 1), test=b(data.test, 2), dynamic_binarization=mode == "dynamic")
 
 
-# Quadrants in row-major order; the first `visible` are the input x, the rest the target y.
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+# The order in which quadrants become visible, as in Pyro's CVAE example (examples/cvae/mnist.py, after Sohn et al.
+# 2015): 1 visible = bottom-left, 2 = the left half, 3 = all but the bottom-right. The first `visible` are the input x,
+# the rest the target y (both keep the image's row-major pixel order).
+QUADRANTS = ("bottom-left", "top-left", "top-right", "bottom-right")
 
 
 def quadrant_masks(image_shape: tuple[int, int], visible: int) -> torch.Tensor:
@@ -159,8 +161,9 @@ def quadrant_masks(image_shape: tuple[int, int], visible: int) -> torch.Tensor:
         raise ValueError(f"the quadrant task needs even image sides, got {h}x{w}")
     if visible not in (1, 2, 3):
         raise ValueError(f"visible quadrants must be 1, 2 or 3 (as in Sohn et al. 2015), got {visible}")
-    quadrant = (torch.arange(h)[:, None] >= h // 2) * 2 + (torch.arange(w)[None, :] >= w // 2)
-    return (quadrant < visible).flatten()
+    bottom, right = torch.arange(h)[:, None] >= h // 2, torch.arange(w)[None, :] >= w // 2
+    rank = torch.where(bottom, torch.where(right, 3, 0), torch.where(right, 2, 1))  # position in QUADRANTS
+    return (rank < visible).flatten()
 
 
 def quadrant_task(data: Dataset, visible: int = 1) -> Dataset:
