@@ -26,7 +26,10 @@ def _data_for(variant_name: str, digits300: Dataset) -> Dataset:
     return quadrant_task(digits300, 2) if VARIANTS[variant_name].conditional else digits300
 
 
-def test_every_registered_variant_follows_the_site_contract(digits300, small_model_config):
+@pytest.mark.parametrize("layer", ["relu", "gated"])
+def test_every_registered_variant_follows_the_site_contract(digits300, small_model_config, layer):
+    small_model_config.layer = layer
+    small_model_config.pseudo_inputs = "reference" if layer == "gated" else "data"
     for name, variant in VARIANTS.items():
         data = _data_for(name, digits300)
         pair = variant.factory(data, small_model_config, "bernoulli")
