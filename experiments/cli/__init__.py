@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory to create (default: runs/DATA-seedN-TIMESTAMP); must not exist")
     run.add_argument("--seed", type=int, help="overrides the config's seed")
     run.add_argument("--epochs", type=int, help="overrides svi.epochs")
+    run.add_argument("--particles", type=int, help="overrides eval.num_particles (importance draws per test point)")
     run.add_argument("--threads", type=int, help="torch threads for this process (overrides the config's threads; "
                      "default: the available cores divided by the processes torchrun starts on this machine)")
     run.add_argument("--variants", help="comma-separated variant names (default: all; see `vae-priors list`)")

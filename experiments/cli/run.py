@@ -37,6 +37,8 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.seed = args.seed
     if args.epochs is not None:
         config.svi.epochs = args.epochs
+    if args.particles is not None:
+        config.eval.num_particles = args.particles
     if args.threads is not None:
         config.threads = args.threads
     if args.variants:
