@@ -64,6 +64,16 @@ def test_run_trains_evaluates_diagnoses_and_writes_the_run_directory(tiny_run):
     assert "test log-lik (IS)" in result.stdout and "I(x;z)" in result.stdout
 
 
+def test_run_writes_and_prints_the_paired_findings_of_its_pointwise_results(tiny_run):
+    cwd, result = tiny_run
+    found = pd.read_csv(cwd / "run" / "findings.csv")
+    assert list(found.variant) == ["vae"] and list(found.baseline) == ["vae-local-guide"]
+    a, b = (pd.read_csv(cwd / "run" / "pointwise" / f"{v}.csv").log_lik for v in ("vae", "vae-local-guide"))
+    assert found.difference[0] == pytest.approx((a - b).mean())
+    assert found.se[0] == pytest.approx((a - b).std(ddof=1) / len(a) ** 0.5)
+    assert "Findings" in result.stdout and found.finding[0] in result.stdout
+
+
 def test_run_refuses_an_existing_run_directory_and_changes_nothing(tiny_run):
     cwd, _ = tiny_run
     before = {p: p.stat().st_mtime_ns for p in (cwd / "run").rglob("*")}

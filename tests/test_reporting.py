@@ -30,3 +30,23 @@ def test_rendered_page_embeds_the_png_bytes_and_needs_no_network(tmp_path):
     page = render("title", ["intro"], pd.DataFrame([{"variant": "vae", "log_lik": -1.0}]), ["log_lik"], [section])
     assert base64.b64encode(path.read_bytes()).decode() in page
     assert "http" not in page and "<script" not in page and "refitted guide" in page
+
+
+def test_findings_come_first_and_every_contents_link_has_its_target():
+    import re
+
+    from vae_priors.experiments.evaluation.comparisons import findings
+
+    found = findings({"vae": [-3.0, -2.0, -1.0, -2.5], "vae-vamp": [-2.0, -1.1, -0.2, -1.4]})
+    section = VariantSection("vae-vamp", "a VampPrior VAE")
+    page = render("title", ["intro"], pd.DataFrame([{"variant": "vae", "log_lik": -1.0}]), ["log_lik"], [section],
+                  found=found)
+    assert page.index("Findings") < page.index("Contents") < page.index("intro") < page.index("Diagnostics</h2>")
+    assert "vae-vamp is ahead of vae by 0.95" in page
+    links = re.findall(r"href='#([^']+)'", page)
+    assert links and all(f"id='{target}'" in page for target in links)
+
+
+def test_a_run_with_no_answerable_question_says_so():
+    page = render("title", [], pd.DataFrame([{"variant": "vae", "log_lik": -1.0}]), ["log_lik"], [])
+    assert "No question of the collection could be answered" in page

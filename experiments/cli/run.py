@@ -25,6 +25,7 @@ from vae_priors.experiments.runs.layout import (
     pointwise_path,
     save_pair,
     test_guide_path,
+    write_findings,
     write_pointwise,
 )
 from vae_priors.experiments.runtime import provenance, set_threads
@@ -87,7 +88,7 @@ def command_run(args: argparse.Namespace) -> int:
     write_text(run_dir / "config.toml", configs.dumps(config))
     write_text(run_dir / "provenance.toml", tomli_w.dumps(provenance(threads)))
     print(f"run directory: {run_dir}")
-    histories, metrics = [], []
+    histories, metrics, pointwise = [], [], {}
     for name in config.variants:
         pair, dataset = build_pair(config, data, name)
         start = time.perf_counter()
@@ -97,7 +98,7 @@ def command_run(args: argparse.Namespace) -> int:
         save_pair(pair, run_dir / "pairs" / f"{name}.pt")
         evaluation = evaluate(pair, dataset.test.to(config.svi.device),
                               config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
-        write_pointwise(evaluation, pointwise_path(run_dir, name))
+        pointwise[name] = write_pointwise(evaluation, pointwise_path(run_dir, name))
         if evaluation.guide is not pair.guide:  # a per-point guide fitted on the test points: diagnose reuses it
             save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
         histories.append(result.history.assign(variant=name))
@@ -110,6 +111,7 @@ def command_run(args: argparse.Namespace) -> int:
         history = pd.concat(histories, ignore_index=True)
         write_csv(run_dir / "history.csv", history[["variant", *result.history.columns]])
         write_csv(run_dir / "metrics.csv", pd.DataFrame(metrics))
+        found = write_findings(run_dir, pointwise)
         if args.quiet is False:
             print(f"  {name}: {len(result.history)} epochs, test log-lik {metrics[-1]['test_log_lik']:.2f} "
                   f"({fit_seconds:.1f} s)", file=sys.stderr)
@@ -120,6 +122,11 @@ def command_run(args: argparse.Namespace) -> int:
     notes = [f"  {r.variant}: {r.note}" for r in table.itertuples() if r.note]
     if notes:
         print("notes:\n" + "\n".join(notes))
+    if len(found):
+        print(f"\nFindings (paired differences over the same {found.n_points.iloc[0]} test points; "
+              f"{run_dir / 'findings.csv'}):")
+        for row in found.itertuples():
+            print(f"  {row.question}\n    {row.finding}")
     if config.diagnose and not args.no_diagnose:
         from vae_priors.experiments.cli.diagnose import format_diagnostics
         from vae_priors.experiments.runs.diagnose import diagnose_run

@@ -59,7 +59,8 @@ STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#2
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f0f0f0}td:first-child{text-align:left}dt{font-weight:bold;margin-top:.4em}
 img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
-.note{background:#fff8e0;padding:.4em .8em;border-left:3px solid #e0b000}"""
+.note{background:#fff8e0;padding:.4em .8em;border-left:3px solid #e0b000}
+table.findings td{text-align:left;vertical-align:top}table.findings{font-size:14px}"""
 
 
 @dataclass
@@ -114,17 +115,41 @@ def legend_html(columns: list[str]) -> str:
     return f"<h3>How to read this table</h3><dl>{''.join(items)}</dl>"
 
 
+def findings_html(found: pd.DataFrame) -> str:
+    """The findings (``evaluation.comparisons``): one row per question, the sentence first."""
+    if found is None or not len(found):
+        return ("<p>No question of the collection could be answered from this run: it did not train both variants "
+                "of any compared pair (see <code>evaluation/comparisons.py: QUESTIONS</code>).</p>")
+    rows = "".join(f"<tr><td>{html.escape(r.question)}</td><td>{html.escape(r.finding)}</td></tr>"
+                   for r in found.itertuples())
+    return ("<p>Paired differences of the held-out log-likelihood over the same test points, mean ± standard "
+            "error over points; 'clear' at 3 SE or more, 'suggestive' at 2-3 SE. The SE covers the choice of "
+            "test points, not the training seed.</p>"
+            f"<table class='findings'><tr><th>question</th><th>finding</th></tr>{rows}</table>")
+
+
+def _anchor(name: str) -> str:
+    return "v-" + "".join(c if c.isalnum() else "-" for c in name)
+
+
 def render(title: str, intro: list[str], table: pd.DataFrame, columns: list[str], sections: list[VariantSection],
-           comparisons: list[Plot] | None = None) -> str:
-    """The whole page as an HTML string."""
+           comparisons: list[Plot] | None = None, found: pd.DataFrame | None = None) -> str:
+    """The whole page as an HTML string: findings first, then a table of contents and the rest."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += ["<h2 id='findings'>Findings</h2>", findings_html(found)]
+    toc = [("findings", "Findings"), ("about", "About this run"), ("diagnostics", "Diagnostics")]
+    toc += [("comparison", "Comparison of variants")] if comparisons else []
+    toc += [(_anchor(s.name), s.name) for s in sections]
+    parts.append("<nav><h2>Contents</h2><ul>" + "".join(f"<li><a href='#{a}'>{html.escape(t)}</a></li>"
+                                                       for a, t in toc) + "</ul></nav>")
+    parts.append("<h2 id='about'>About this run</h2>")
     parts += [f"<p>{html.escape(line)}</p>" for line in intro]
-    parts += ["<h2>Diagnostics</h2>", table_html(table, columns), legend_html(columns)]
+    parts += ["<h2 id='diagnostics'>Diagnostics</h2>", table_html(table, columns), legend_html(columns)]
     if comparisons:
-        parts += ["<h2>Comparison of variants</h2>", *(_figure(plot) for plot in comparisons)]
+        parts += ["<h2 id='comparison'>Comparison of variants</h2>", *(_figure(plot) for plot in comparisons)]
     for section in sections:
-        parts.append(f"<h2 id='{html.escape(section.name)}'>{html.escape(section.name)}</h2>")
+        parts.append(f"<h2 id='{_anchor(section.name)}'>{html.escape(section.name)}</h2>")
         parts.append(f"<p>{html.escape(section.description)}</p>")
         parts += [f"<p class='note'>{html.escape(note)}</p>" for note in section.notes]
         parts += [_figure(plot) for plot in section.plots]

@@ -3,7 +3,9 @@
     RUN_DIR/diagnostics.csv           one row per variant (columns explained in experiments.report.COLUMN_HELP)
     RUN_DIR/diagnostics/NAME.nc       InferenceData per variant (draws for a subset of test points, q_agg vs p(z))
     RUN_DIR/diagnostics/*.png         plots per variant and the comparison plots
-    RUN_DIR/report.html               all of it on one self-contained page
+    RUN_DIR/diagnostics/compare-*.csv the az.compare table (ranks, elpd differences and their paired SE ``dse``)
+    RUN_DIR/findings.csv              the paired findings, recomputed from RUN_DIR/pointwise (as ``run`` writes them)
+    RUN_DIR/report.html               all of it on one self-contained page, findings first
 
 Per-point numbers (log p(x), PSIS k-hat, ELBO, KL) are on the test split; the aggregated posterior is over the
 training encodings (q_agg is the code the decoder was trained on). Outputs are built in a hidden temporary
@@ -22,22 +24,31 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vae_priors.experiments.diagnostics import arviz_adapter
-
-from vae_priors.experiments.reporting import plots
-
-from vae_priors.experiments.reporting import report
-from vae_priors.experiments.diagnostics.aggregate import aggregate_diagnostics, posterior_components, prior_components, sample_q_agg
-from vae_priors.experiments.diagnostics.amortization import amortization_gap
 from vae_priors.experiments.config import RunConfig
 from vae_priors.experiments.data.datasets import Dataset, quadrant_masks
-from vae_priors.experiments.evaluation.importance import evaluation_guide
-from vae_priors.experiments.files import UMASK, write_csv, write_text
+from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.diagnostics.aggregate import (
+    aggregate_diagnostics,
+    posterior_components,
+    prior_components,
+    sample_q_agg,
+)
+from vae_priors.experiments.diagnostics.amortization import amortization_gap
 from vae_priors.experiments.diagnostics.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
 from vae_priors.experiments.diagnostics.point import inference_arrays, point_diagnostics
-from vae_priors.experiments.registry import Pair, get_variant
-from vae_priors.experiments.runs.layout import RunData, load_pair, load_run, load_test_guide
 from vae_priors.experiments.diagnostics.sample_quality import load_or_train_classifier, score_samples
+from vae_priors.experiments.evaluation.importance import evaluation_guide
+from vae_priors.experiments.files import UMASK, write_csv, write_text
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.reporting import plots, report
+from vae_priors.experiments.runs.layout import (
+    RunData,
+    load_pair,
+    load_run,
+    load_test_guide,
+    read_pointwise,
+    write_findings,
+)
 
 OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
 NUM_GENERATED = 1000  # decoded samples per source for the sample scores
@@ -255,6 +266,7 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
             if len(group) >= 2:
                 comparison = arviz_adapter.compare(group)
                 slug = "p-y-given-x" if "y" in target else "p-x"
+                write_csv(work / f"compare-{slug}.csv", comparison.rename_axis("variant").reset_index())
                 comparisons.append(report.Plot(f"Held-out {target}", plots.compare(
                     lambda ax, c=comparison: arviz_adapter.plot_compare(c, ax), work / f"compare-{slug}.png",
                     len(group), f"Held-out {target}, PSIS-smoothed IS (higher is better)",
@@ -262,7 +274,8 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))
         intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
-        page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons)
+        found = write_findings(run_dir, read_pointwise(run_dir, names))
+        page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons, found)
         _publish(work, run_dir / "diagnostics")
         write_csv(run_dir / "diagnostics.csv", table)
         write_text(run_dir / "report.html", page)

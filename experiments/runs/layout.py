@@ -7,6 +7,7 @@
     RUN_DIR/pairs/NAME.pt          the trained pair (best epoch): {"model": state_dict, "guide": state_dict}
     RUN_DIR/pairs/test-guides/NAME.pt   a non-amortized pair's guide fitted on the test points (decoder frozen)
     RUN_DIR/pointwise/NAME.csv     one row per test point: importance-sampled log-likelihood, ELBO, PSIS estimate, k-hat
+    RUN_DIR/findings.csv           paired differences between variants over the same test points, worded by evidence
     RUN_DIR/provenance.toml        code and library versions, machine, torch threads
 """
 
@@ -25,6 +26,7 @@ from vae_priors.experiments import config as configs
 from vae_priors.experiments.config import DataConfig, RunConfig
 from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits, quadrant_task, validate
 from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.evaluation.comparisons import findings
 from vae_priors.experiments.evaluation.importance import Evaluation
 from vae_priors.experiments.files import save_torch, write_csv
 from vae_priors.experiments.registry import Pair, get_variant
@@ -50,7 +52,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """The data set named in ``cfg`` (before binarization)."""
     if cfg.name == "digits":
         return load_digits()
-    from vae_priors.experiments.data import formats as data_files  # file formats: only imported when a path-based data set is asked for
+    # file formats: only imported when a path-based data set is asked for
+    from vae_priors.experiments.data import formats as data_files
 
     return data_files.load_named(cfg)
 
@@ -132,3 +135,16 @@ def load_pair(run_dir: str | Path, variant: str, config: RunConfig, data: RunDat
     pair.guide.load_state_dict(state["guide"])
     pair.model.eval(), pair.guide.eval()
     return pair, dataset
+
+
+def read_pointwise(run_dir: str | Path, variants: list[str]) -> dict[str, pd.DataFrame]:
+    """The per-point test results of the ``variants`` that have them (a variant not yet evaluated is left out)."""
+    return {name: pd.read_csv(pointwise_path(run_dir, name)) for name in variants
+            if pointwise_path(run_dir, name).is_file()}
+
+
+def write_findings(run_dir: str | Path, pointwise: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """``findings.csv``: the paired comparisons (``evaluation.comparisons``) of the held-out log-likelihoods."""
+    frame = findings({name: table["log_lik"].to_numpy() for name, table in pointwise.items()})
+    write_csv(Path(run_dir) / "findings.csv", frame)
+    return frame
