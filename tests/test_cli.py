@@ -67,11 +67,23 @@ def test_run_trains_evaluates_diagnoses_and_writes_the_run_directory(tiny_run):
 def test_run_writes_and_prints_the_paired_findings_of_its_pointwise_results(tiny_run):
     cwd, result = tiny_run
     found = pd.read_csv(cwd / "run" / "findings.csv")
+    found = found[found.measure == "test log-likelihood (IS)"].reset_index(drop=True)
     assert list(found.variant) == ["vae"] and list(found.baseline) == ["vae-local-guide"]
     a, b = (pd.read_csv(cwd / "run" / "pointwise" / f"{v}.csv").log_lik for v in ("vae", "vae-local-guide"))
     assert found.difference[0] == pytest.approx((a - b).mean())
     assert found.se[0] == pytest.approx((a - b).std(ddof=1) / len(a) ** 0.5)
     assert "Findings" in result.stdout and found.finding[0] in result.stdout
+
+
+def test_diagnose_adds_the_generation_findings_of_each_unconditional_variant(tiny_run):
+    cwd, _ = tiny_run
+    found = pd.read_csv(cwd / "run" / "findings.csv")
+    generation = found[found.question.str.startswith("Generate from")]
+    assert set(generation.baseline) == {"vae with z ~ p(z)", "vae-local-guide with z ~ p(z)"}
+    assert len(generation) == 4 and generation.se.gt(0).all()
+    diagnostics = pd.read_csv(cwd / "run" / "diagnostics.csv").set_index("variant")
+    assert diagnostics.loc["vae", "gen_log_lik_prior"] == pytest.approx(
+        diagnostics.loc["vae", "gen_log_lik_q_agg"] - generation.difference.iloc[0])
 
 
 def test_run_refuses_an_existing_run_directory_and_changes_nothing(tiny_run):

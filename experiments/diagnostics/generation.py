@@ -6,9 +6,10 @@ A latent sampler is separate from the model (as in pythae): the same decoder is 
   any prior a new pair brings is sampled with no extra code;
 * ``"q_agg"``: the aggregated posterior q_agg(z) = 1/N sum_n q(z|x_n) over the training encodings, the exact
   N-component mixture (Hoffman & Johnson 2016; ``experiments.aggregate.sample_q_agg``);
-* ``"gmm"``: a Gaussian mixture fitted ex post to the means of the training encodings (Ghosh et al. 2020,
-  "From variational to deterministic autoencoders", section 4: ex-post density estimation), with
-  ``GMM_COMPONENTS`` full-covariance components (fewer when there are fewer distinct means).
+* ``"gmm"``: a Gaussian mixture fitted ex post to the training encodings (Ghosh et al. 2020, "From variational
+  to deterministic autoencoders", section 4: ex-post density estimation) -- one draw z ~ q(z|x_n) per training
+  point, so that it models q_agg with its spread --, with
+  ``GMM_COMPONENTS`` full-covariance components (fewer when there are fewer distinct points).
 
 Decoding goes through the contract only: the model runs with ``"z"`` conditioned (``poutine.condition``) and
 the distribution at its observed site gives the decoded image (``fn.mean``, shown in grids) and a draw
@@ -114,23 +115,23 @@ class AggregatePosteriorSampler:
 
 
 class GaussianMixtureSampler:
-    """z from a Gaussian mixture fitted ex post (scikit-learn, EM) to the training encodings' means.
+    """z from a Gaussian mixture fitted ex post (scikit-learn, EM) to points in latent space (the encodings).
 
     Ghosh et al. (2020): fitting a simple density to the encodings after training closes the gap between
-    p(z) and where the decoder was trained. ``num_components`` is capped by the number of distinct means.
+    p(z) and where the decoder was trained. ``num_components`` is capped by the number of distinct points.
     """
 
-    def __init__(self, means: torch.Tensor, num_components: int = GMM_COMPONENTS,
+    def __init__(self, points: torch.Tensor, num_components: int = GMM_COMPONENTS,
                  covariance_type: str = GMM_COVARIANCE, seed: int = 0):
         from sklearn.mixture import GaussianMixture
         from threadpoolctl import threadpool_limits
 
-        points = means.detach().double().cpu().numpy()
+        points = points.detach().double().cpu().numpy()
         distinct = len(np.unique(points.round(6), axis=0))
         self.num_components = max(1, min(num_components, distinct))
         self.covariance_type = covariance_type
         self.description = (f"GMM: {self.num_components}-component {covariance_type}-covariance Gaussian mixture "
-                            "fitted to the training encodings' means (Ghosh et al. 2020)")
+                            "fitted to the training encodings (Ghosh et al. 2020)")
         # One BLAS/OpenMP thread: on a small CPU shared with torch, more threads made the fit 15x slower.
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore")  # EM convergence notes on near-duplicate encodings (constant guide)
@@ -161,8 +162,14 @@ def _full_covariances(gmm, dim: int) -> np.ndarray:
 def latent_samplers(model: nn.Module, components: dist.Distribution, x_dim: int,
                     seed: int = 0) -> dict[str, LatentSampler]:
     """The three sources for an unconditional pair; ``components`` = q(z|x_n) of the training points."""
+    # The GMM is fitted to one draw z ~ q(z|x_n) per training point, not to the means: it then models q_agg with its
+    # spread, and its density covers where the guide puts z (fitted to the means, a collapsed dimension gets a
+    # near-zero variance and any likelihood scored with q as the proposal becomes meaningless).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        draws = components.sample().reshape(-1, components.event_shape[-1])
     return {"prior": PriorSampler(model, x_dim), "q_agg": AggregatePosteriorSampler(components),
-            "gmm": GaussianMixtureSampler(components.mean.reshape(-1, components.event_shape[-1]), seed=seed)}
+            "gmm": GaussianMixtureSampler(draws, seed=seed)}
 
 
 def generate(model: nn.Module, samplers: dict[str, LatentSampler], x_dim: int, num: int,

@@ -90,13 +90,20 @@ def evidence(diff: PairedDifference) -> str:
     return "no detectable difference at this size"
 
 
+def _num(value: float) -> str:
+    """Two decimals, or two significant digits for values below 0.1 (a 0.004-nat difference is not 0.00)."""
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
+
+
 def sentence(variant: str, baseline: str, diff: PairedDifference, unit: str = "nats per test point") -> str:
     """A finding worded by its evidence, e.g. "vae-vamp is ahead of vae by 3.45 ± 0.11 nats per test point (31 SE):
     a clear difference"."""
     kind = evidence(diff)
-    amount = f"{abs(diff.mean):.2f} ± {diff.se:.2f} {unit} ({abs(diff.z):.1f} SE over {diff.n} points)"
+    amount = f"{_num(abs(diff.mean))} ± {_num(diff.se)} {unit} ({abs(diff.z):.1f} SE over {diff.n} points)"
     if kind.startswith("no detectable") or kind == "not enough points":
-        return f"{variant} and {baseline}: {kind} ({variant} - {baseline} = {diff.mean:+.2f} ± {diff.se:.2f} {unit})"
+        sign = "+" if diff.mean >= 0 else "-"
+        return (f"{variant} and {baseline}: {kind} ({variant} - {baseline} = {sign}{_num(abs(diff.mean))} ± "
+                f"{_num(diff.se)} {unit})")
     leader, other = (variant, baseline) if diff.mean > 0 else (baseline, variant)
     return f"{leader} is ahead of {other} by {amount}: a {kind}"
 

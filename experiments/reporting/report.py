@@ -47,7 +47,7 @@ COLUMN_HELP: dict[str, tuple[str, str]] = {
     "fd_prior": ("FD p(z)", "Frechet distance, in a data-set classifier's features, between draws x ~ p(x|z), "
                  "z ~ p(z) and the test split; lower = closer to the data"),
     "fd_q_agg": ("FD q_agg", "the same with z ~ q_agg(z), the exact mixture of training encodings"),
-    "fd_gmm": ("FD GMM", "the same with z from a Gaussian mixture fitted to the training encodings' means "
+    "fd_gmm": ("FD GMM", "the same with z from a Gaussian mixture fitted to one draw z ~ q(z|x_n) per training point "
                "(Ghosh et al. 2020)"),
     "coverage_prior": ("coverage p(z)", "share of classes predicted for at least 1/(2K) of the samples from "
                        "p(z) (1 = all K classes appear)"),

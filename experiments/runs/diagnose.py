@@ -29,14 +29,17 @@ from vae_priors.experiments.data.datasets import Dataset, quadrant_masks
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import (
     aggregate_diagnostics,
+    log_q_agg,
     posterior_components,
     prior_components,
     sample_q_agg,
 )
 from vae_priors.experiments.diagnostics.amortization import amortization_gap
 from vae_priors.experiments.diagnostics.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
+from vae_priors.experiments.diagnostics.latent_sources import source_log_likelihoods
 from vae_priors.experiments.diagnostics.point import inference_arrays, point_diagnostics
 from vae_priors.experiments.diagnostics.sample_quality import load_or_train_classifier, score_samples
+from vae_priors.experiments.evaluation.comparisons import Question, findings
 from vae_priors.experiments.evaluation.importance import evaluation_guide
 from vae_priors.experiments.files import UMASK, write_csv, write_text
 from vae_priors.experiments.registry import Pair, get_variant
@@ -55,6 +58,8 @@ NUM_GENERATED = 1000  # decoded samples per source for the sample scores
 AGG_DRAWS = 10_000  # Monte Carlo draws from q_agg and from p(z) for the aggregate KLs
 PLOT_DRAWS = 2000  # q_agg and p(z) draws shown in the plots and stored in the NetCDF file
 NC_POINTS = 16  # test points whose S draws go into the NetCDF file (all S draws of all points would be S x N x D)
+GEN_POINTS = 1000  # test points scored under each latent source (q_agg costs S x points x N_train)
+GEN_DRAWS = 100  # importance draws per point for those scores
 GRID = 12  # images per row in the sample and reconstruction grids
 GAP_PAIR = ("vae", "vae-local-guide")  # the amortization gap is reported where a run has both
 
@@ -100,9 +105,28 @@ def _image_rows(dataset: Dataset, data: RunData, config: RunConfig, rows: dict[s
     return out
 
 
-def _generation(pair, dataset: Dataset, work: Path, name: str, classifier, seed: int, row: dict,
-                q_train) -> list[report.Plot]:
+def generation_findings(pair: Pair, guide, name: str, test_x: torch.Tensor, q_train, gmm, num_particles: int,
+                        seed: int, row: dict) -> pd.DataFrame:
+    """Generate from p(z), q_agg or a GMM? Paired held-out log p_s(x) of each source (``latent_sources``)."""
+    x = test_x[:GEN_POINTS]
+    scores = source_log_likelihoods(pair.model, guide, x, {"q_agg": lambda z: log_q_agg(z, q_train),
+                                                           "gmm": gmm.mixture.log_prob},
+                                    min(num_particles, GEN_DRAWS), seed)
+    for source, values in scores.items():
+        row |= {f"gen_log_lik_{source}": values.mean().item(), f"gen_log_lik_{source}_se": _se(values.numpy())}
+    label = {"prior": f"{name} with z ~ p(z)", "q_agg": f"{name} with z ~ q_agg", "gmm": f"{name} with z ~ GMM"}
+    questions = (Question(f"Generate from p(z) or from q_agg? ({name})", label["q_agg"], label["prior"]),
+                 Question(f"Generate from p(z) or from a GMM on the encodings? ({name})", label["gmm"],
+                          label["prior"]))
+    return findings({label[k]: v.numpy() for k, v in scores.items()}, questions,
+                    measure=f"held-out log p_s(x) of the decoder under latent source s ({len(x)} test points)")
+
+
+def _generation(pair, guide, dataset: Dataset, work: Path, name: str, classifier, seed: int, row: dict,
+                q_train, num_particles: int, found: list[pd.DataFrame]) -> list[report.Plot]:
     samplers = latent_samplers(pair.model, q_train, dataset.x_dim, seed)
+    found.append(generation_findings(pair, guide, name, dataset.test.x, q_train, samplers["gmm"], num_particles,
+                                     seed, row))
     decoded = generate(pair.model, samplers, dataset.x_dim, NUM_GENERATED, seed)
     if classifier is not None:
         for source, out in decoded.items():
@@ -137,8 +161,9 @@ def _reconstructions(pair, guide, dataset: Dataset, data: RunData, config: RunCo
 
 
 def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData, num_particles: int, work: Path,
-                     classifier) -> tuple[dict, report.VariantSection, object, Pair]:
-    """One variant: its CSV row, its report section, its ``ELPDData`` and the loaded pair."""
+                     classifier, found: list[pd.DataFrame]) -> tuple[dict, report.VariantSection, object, Pair]:
+    """One variant: its CSV row, its report section, its ``ELPDData`` and the loaded pair; its generation
+    findings are appended to ``found``."""
     seed = config.seed
     pair, dataset = load_pair(run_dir, name, config, data)
     for parameter in [*pair.model.parameters(), *pair.guide.parameters()]:
@@ -182,7 +207,8 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
             agg.kl_per_dim, work / f"{name}-kl-per-dim.png", agg.unit_activity > 0.01),
             "mean over training points of KL(q(z_d|x) || p(z_d))"))
     if not spec.conditional:
-        figures += _generation(pair, dataset, work, name, classifier, seed, row, q_train)
+        figures += _generation(pair, points.guide, dataset, work, name, classifier, seed, row, q_train,
+                               num_particles, found)
     figures += _reconstructions(pair, points.guide, dataset, data, config, work, name, seed)
     subset = torch.arange(min(NC_POINTS, len(dataset.test)))
     arrays = inference_arrays(pair, dataset.test, subset, num_particles, points.guide, seed)
@@ -248,12 +274,12 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
     work.chmod(0o777 & ~UMASK)  # mkdtemp creates 0700; the outputs are for people to read
     try:
         classifier, classifier_note = load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
-        rows, sections, elpds, pairs = [], [], {}, {}
+        rows, sections, elpds, pairs, generation = [], [], {}, {}, []
         bar = tqdm(names, desc="diagnostics", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             row, section, elpd, pairs[name] = diagnose_variant(run_dir, name, config, data, num_particles, work,
-                                                               classifier)
+                                                               classifier, generation)
             rows.append(row), sections.append(section)
             elpds.setdefault(row["target"], {})[name] = elpd
         table = pd.DataFrame(rows)
@@ -274,7 +300,8 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))
         intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
-        found = write_findings(run_dir, read_pointwise(run_dir, names))
+        found = pd.concat([write_findings(run_dir, read_pointwise(run_dir, names)), *generation], ignore_index=True)
+        write_csv(run_dir / "findings.csv", found)
         page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons, found)
         _publish(work, run_dir / "diagnostics")
         write_csv(run_dir / "diagnostics.csv", table)
