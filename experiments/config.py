@@ -71,6 +71,7 @@ class RunConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 = this process's share of the cores
     variants: list[str] = field(default_factory=list)  # empty = every registered variant
+    imports: list[str] = field(default_factory=list)  # the user's modules that register pairs (see registry)
     diagnose: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

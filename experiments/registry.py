@@ -9,13 +9,19 @@ The contract every pair follows (see the README, "The model/guide contract"):
   ``"z"`` in the same plate;
 * the distribution at the model's ``"z"`` site IS the prior for that data point.
 
-To add a variant: write the model or guide module, then one ``@register`` factory here.
+To add a variant: write the model or guide module, then one ``@register`` factory here -- or, without touching
+the package, in a module of your own that you name with ``--import MODULE`` / ``imports = ["MODULE"]`` in a config,
+or in an installed package's ``vae_priors.pairs`` entry point (``import_pairs``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 import torch
 from pyro.infer import ELBO
@@ -102,7 +108,9 @@ def register(name: str, description: str, conditional: bool = False) -> Callable
 
 def get_variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise KeyError(f"unknown variant {name!r}; `vae-priors list` shows the registered ones: {', '.join(VARIANTS)}")
+        raise KeyError(f"unknown variant {name!r}; `vae-priors list` shows the registered ones: {', '.join(VARIANTS)}"
+                       "; for a pair of your own, name the module that registers it: --import MODULE or "
+                       "imports = [\"MODULE\"] in the config")
     return VARIANTS[name]
 
 
@@ -192,3 +200,47 @@ def gsnn(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
 def cvae_hybrid(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
     model, guide = _cvae(data, cfg, likelihood, _prior_net(data, cfg))
     return HybridPair(model, guide, conditional=True, alpha=cfg.hybrid_alpha, prior_guide=PriorNetGuide(model.prior))
+
+
+ENTRY_POINT_GROUP = "vae_priors.pairs"  # an installed package's pairs: [options.entry_points] vae_priors.pairs = ...
+
+
+def import_pairs(modules: Iterable[str] = ()) -> list[str]:
+    """Import the modules that ``@register`` a user's pairs, and every installed ``vae_priors.pairs`` entry point.
+
+    A module is found on ``sys.path`` as usual, or else in the current directory (so ``--import mypairs`` finds
+    ``./mypairs.py`` from the console script too). Importing twice is harmless: Python caches modules.
+    Returns the modules imported.
+    """
+    done = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()
+        done.append(ep.value.split(":")[0])
+    for name in modules:
+        if not _import_user_module(name):
+            raise ModuleNotFoundError(f"cannot import {name!r} (named by --import or the config's imports): no such "
+                                      "module on sys.path or in the current directory; run from the folder that "
+                                      "holds it, or install it", name=name)
+        done.append(name)
+    return done
+
+
+def _import_user_module(name: str) -> bool:
+    """Import ``name``; False if the module itself (not something it imports) is not found."""
+    top = name.split(".")[0]
+    try:
+        importlib.import_module(name)
+        return True
+    except ModuleNotFoundError as err:
+        if err.name != top or os.getcwd() in sys.path:
+            if err.name == top:
+                return False
+            raise
+    sys.path.append(os.getcwd())  # appended: the user's folder never shadows an installed package
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name == top:
+            return False
+        raise
+    return True

@@ -36,6 +36,12 @@ def _command(module: str, function: str):
     return call
 
 
+def _import_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                         help="a module of yours that registers pairs (repeatable); found on sys.path or in the "
+                              "current directory; a run records it, so `diagnose` finds the pairs again")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vae-priors",
                                   description="Train, evaluate and diagnose Pyro VAE model/guide pairs.")
@@ -50,13 +56,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch threads for this process (overrides the config's threads; "
                      "default: the available cores divided by the processes torchrun starts on this machine)")
     run.add_argument("--variants", help="comma-separated variant names (default: all; see `vae-priors list`)")
+    _import_option(run)
     run.add_argument("--no-diagnose", action="store_true", help="skip the diagnostics after training")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(func=_command("run", "command_run"))
-    sub.add_parser("list", help="list the registered variants").set_defaults(func=_command("variants", "command_list"))
+    listing = sub.add_parser("list", help="list the registered variants")
+    _import_option(listing)
+    listing.set_defaults(func=_command("variants", "command_list"))
     diag = sub.add_parser("diagnose", help="diagnostics for a run directory")
     diag.add_argument("run_dir")
     diag.add_argument("--particles", type=int, help="importance samples per point (default: the run's eval setting)")
+    diag.add_argument("--variants", help="comma-separated variants to diagnose (default: every trained one)")
+    _import_option(diag)
     diag.add_argument("--overwrite", action="store_true", help="replace existing diagnostics outputs")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(func=_command("diagnose", "command_diagnose"))
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UsageError, ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except (UsageError, ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+            ModuleNotFoundError) as err:
         if os.environ.get("VAE_PRIORS_DEBUG"):
             raise
         message = err.args[0] if err.args else str(err)

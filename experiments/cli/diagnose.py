@@ -24,7 +24,13 @@ def command_diagnose(args: argparse.Namespace) -> int:
     from vae_priors.experiments.runs.diagnose import diagnose_run
 
     progress = not args.quiet and sys.stderr.isatty()
-    table = diagnose_run(args.run_dir, num_particles=args.particles, overwrite=args.overwrite, progress=progress)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if args.variants is not None and not variants:
+        from vae_priors.experiments.cli import UsageError
+
+        raise UsageError("--variants names no variant; give comma-separated names, e.g. --variants vae,vae-vamp")
+    table = diagnose_run(args.run_dir, num_particles=args.particles, variants=variants, imports=args.imports,
+                         overwrite=args.overwrite, progress=progress)
     print(format_diagnostics(table))
     print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in {Path(args.run_dir) / 'report.html'}")
     return 0

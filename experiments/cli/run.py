@@ -18,7 +18,7 @@ from vae_priors.experiments.cli import UsageError
 from vae_priors.experiments.config import RunConfig
 from vae_priors.experiments.evaluation.importance import evaluate
 from vae_priors.experiments.files import save_torch, write_csv, write_text
-from vae_priors.experiments.registry import VARIANTS, get_variant
+from vae_priors.experiments.registry import VARIANTS, get_variant, import_pairs
 from vae_priors.experiments.runs.layout import (
     build_pair,
     load_run_data,
@@ -42,6 +42,8 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.eval.num_particles = args.particles
     if args.threads is not None:
         config.threads = args.threads
+    config.imports = list(dict.fromkeys([*config.imports, *args.imports]))  # recorded in the run's config.toml
+    import_pairs(config.imports)
     if args.variants:
         config.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not config.variants:

@@ -256,16 +256,18 @@ def _publish(work: Path, target: Path) -> None:
 
 
 def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants: list[str] | None = None,
-                 progress: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None) -> pd.DataFrame:
+                 progress: bool = False, overwrite: bool = False, cache_dir: str | Path | None = None,
+                 imports: list[str] | None = None) -> pd.DataFrame:
     """Diagnose the trained variants of ``run_dir`` (default: all) and write the outputs listed in the module doc.
 
     :param num_particles: importance draws per test point (default: the run's ``eval.num_particles``).
+    :param imports: modules that register pairs, besides those the run recorded (its config's ``imports``).
     :param cache_dir: where the sample-scoring classifier is cached (default: ``RUN_DIR/../.vae-priors-cache``,
         shared by the runs beside this one).
     :raises FileExistsError: if diagnostics outputs exist and ``overwrite`` is False (nothing is changed).
     """
     run_dir = Path(run_dir)
-    config, data = load_run(run_dir)
+    config, data = load_run(run_dir, imports or [])
     check_outputs(run_dir, overwrite)
     names = _variants(run_dir, config, variants)
     num_particles = num_particles or config.eval.num_particles

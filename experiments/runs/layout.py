@@ -29,7 +29,7 @@ from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.evaluation.comparisons import findings
 from vae_priors.experiments.evaluation.importance import Evaluation
 from vae_priors.experiments.files import save_torch, write_csv
-from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.registry import Pair, get_variant, import_pairs
 
 
 @dataclass
@@ -115,12 +115,15 @@ def load_test_guide(run_dir: str | Path, variant: str, pair: Pair, num_points: i
     return guide
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, RunData]:
+def load_run(run_dir: str | Path, imports: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, RunData]:
+    """The config and data of a run, with the modules that registered its pairs imported (recorded ``imports``
+    and any given here)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml); pass a directory that "
                                 "`vae-priors run` wrote")
     config = configs.load(run_dir / "config.toml")
+    import_pairs([*config.imports, *imports])
     return config, load_run_data(config.data)
 
 
