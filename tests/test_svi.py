@@ -120,7 +120,8 @@ class NaNAfter(nn.Module):
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         digits300, small_model_config, tmp_path):
     pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
-    pair.model = NaNAfter(pair.model, calls=3)  # 300 points / batch 100: epoch 2 breaks on its first step
+    # 300 points / batch 100 and one contract check before the first step: epoch 2 breaks on its first step
+    pair.model = NaNAfter(pair.model, calls=4)
     checkpoint = tmp_path / "vae.pt"
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in epoch 2.*last good state is in"):
         fit(pair, digits300, SVIConfig(epochs=3, batch_size=100, lr=1e-2), checkpoint=checkpoint, name="vae")

@@ -3,6 +3,7 @@
     vae-priors run [CONFIG.toml]   train + evaluate every variant (default: the embedded digits), then diagnose
     vae-priors list                the registered variants
     vae-priors diagnose RUN_DIR    (re)compute the diagnostics of a run directory
+    vae-priors check MODULE:FACTORY  does a pair of yours meet the model/guide contract?
     vae-priors bench NAME          benchmarks: svi, mixture-prior, diagnostics
 
 This module only parses arguments: each command lives in its own module of this package and is imported when it
@@ -71,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     diag.add_argument("--overwrite", action="store_true", help="replace existing diagnostics outputs")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(func=_command("diagnose", "command_diagnose"))
+    check = sub.add_parser("check", help="check that a pair meets the model/guide contract")
+    check.add_argument("target", help="MODULE:FACTORY (FACTORY(data, model_config, likelihood) -> Pair) or a variant")
+    check.add_argument("--conditional", action="store_true", help="build it on the quadrant task (p(y|x) pairs)")
+    _import_option(check)
+    check.set_defaults(func=_command("check", "command_check"))
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")

@@ -28,6 +28,7 @@ from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.files import save_torch
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training.contract import check_pair
 from vae_priors.experiments.training.objectives import kl_weight, make_elbo
 from vae_priors.models.plate import subsample
 
@@ -142,6 +143,9 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
             # Pyro's validation (model/guide match, site shapes, distribution arguments) runs on the first
             # step only: it catches a pair that breaks the contract, and costs ~5% of every later step.
             first = epoch == first_epoch and step == 0
+            if first:  # the contract (one "z", the loop's subsampled "data" plate), before any parameter moves
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    check_pair(pair.model, pair.guide, batch, index, n)
             try:
                 loss = svi_step(objective, optimizer, batch, index, n, beta=beta, clip_norm=config.clip_norm,
                                 validate=first)
