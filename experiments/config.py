@@ -147,6 +147,10 @@ def check(config: RunConfig) -> RunConfig:
     for key in ("warmup_epochs",):
         if getattr(config.svi, key) < 0:
             raise ConfigError(f"svi.{key} must be >= 0, got {getattr(config.svi, key)}")
+    if config.data.likelihood == "gaussian" and config.data.binarize != "none":
+        raise ConfigError(f"data.likelihood = 'gaussian' with data.binarize = {config.data.binarize!r} would fit a "
+                          "Gaussian to 0/1 pixels; set data.binarize = 'none' to model grey values with a Gaussian, "
+                          "or use data.likelihood = 'bernoulli' for binary data")
     if config.threads < 0:
         raise ConfigError(f"threads must be >= 0 (0 = this process's share of the cores), got {config.threads}")
     if config.data.max_train < 0 or config.eval.local_refit_steps < 0:
