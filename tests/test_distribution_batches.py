@@ -17,10 +17,17 @@ def batches() -> list[torch.distributions.Distribution]:
     mixture = dist.MixtureSameFamily(dist.Categorical(logits=torch.randn(6, 2, generator=g)),
                                      dist.Normal(torch.randn(6, 2, 3, generator=g), 1.0).to_event(1))
     shared = GaussianMixture(torch.randn(6, 4, generator=g), torch.randn(4, 3, generator=g), torch.ones(4, 3))
-    return [dist.Normal(loc, scale).to_event(1), dist.MultivariateNormal(loc, scale_tril=tril), mixture, shared]
+    torch.manual_seed(0)
+    flow = dist.TransformedDistribution(dist.Normal(torch.zeros(6, 3), 1.0).to_event(1),
+                                        [dist.transforms.Spline(3), dist.transforms.AffineTransform(0.5, 2.0)])
+    affine = dist.TransformedDistribution(dist.Normal(torch.zeros(6, 3), 1.0).to_event(1),
+                                          [dist.transforms.AffineTransform(loc, scale, event_dim=1)])
+    return [dist.Normal(loc, scale).to_event(1), dist.MultivariateNormal(loc, scale_tril=tril), mixture, shared, flow,
+            affine]
 
 
-@pytest.mark.parametrize("d", batches(), ids=["independent-normal", "mvn", "mixture", "gaussian-mixture"])
+@pytest.mark.parametrize("d", batches(), ids=["independent-normal", "mvn", "mixture", "gaussian-mixture",
+                                              "shared-flow", "batched-affine"])
 def test_slices_joined_again_have_the_original_log_density(d):
     z = torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(1))
     parts = [map_batch(d, lambda t: t[:2]), map_batch(d, lambda t: t[2:])]

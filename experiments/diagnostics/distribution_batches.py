@@ -2,20 +2,71 @@
 
 The diagnostics read q(z|x_n) and p(z|x_n) for N points from Pyro traces in chunks; these helpers rebuild a
 distribution with its batch-leading parameters sliced or concatenated, for the families the pairs use
-(Normal and other parameter-only families, ``Independent``, ``MixtureSameFamily``, ``MultivariateNormal``, and the
-mixture priors' ``GaussianMixture`` whose K components are shared by the batch).
+(Normal and other parameter-only families, ``Independent``, ``MixtureSameFamily``, ``MultivariateNormal``, the
+mixture priors' ``GaussianMixture`` whose K components are shared by the batch, and ``TransformedDistribution``:
+flows and other transforms whose parameters are shared by the batch -- a prior's -- and ``AffineTransform``s whose
+loc/scale carry the batch, as a guide written as an affine map of N(0, I) has).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributions import Distribution, Independent, MixtureSameFamily, MultivariateNormal
+from torch.distributions import (
+    AffineTransform,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    TransformedDistribution,
+)
+
+
+class _BatchedAffine:
+    """An ``AffineTransform`` whose loc/scale carry the batch: sliced and joined with the base distribution."""
+
+    def __init__(self, transform: AffineTransform, full_ndim: int):
+        self.transform, self.full_ndim = transform, full_ndim
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = self.transform
+        pairs = (("loc", t.loc), ("scale", t.scale))
+        return {k: v for k, v in pairs if torch.is_tensor(v) and v.ndim == self.full_ndim}
+
+    def rebuild(self, new: dict[str, torch.Tensor]) -> AffineTransform:
+        t = self.transform
+        return AffineTransform(new.get("loc", t.loc), new.get("scale", t.scale), event_dim=t.event_dim)
+
+
+def _transformed_parts(d: TransformedDistribution) -> tuple[type, dict, dict]:
+    full_ndim = len(d.batch_shape) + len(d.event_shape)
+    args = {"base_distribution": d.base_dist}
+    for i, t in enumerate(d.transforms):
+        if isinstance(t, AffineTransform) and _BatchedAffine(t, full_ndim).tensors():
+            for k, v in _BatchedAffine(t, full_ndim).tensors().items():
+                args[f"affine{i}.{k}"] = v
+    return _TransformedBuilder(type(d), d.transforms, full_ndim), args, {}
+
+
+class _TransformedBuilder:
+    """Rebuilds a ``TransformedDistribution`` from its (sliced or joined) batch-leading tensors."""
+
+    def __init__(self, cls: type, transforms: list, full_ndim: int):
+        self.cls, self.transforms, self.full_ndim = cls, transforms, full_ndim
+
+    def __call__(self, base_distribution: Distribution, **affine: torch.Tensor) -> TransformedDistribution:
+        transforms = []
+        for i, t in enumerate(self.transforms):
+            new = {k.split(".", 1)[1]: v for k, v in affine.items() if k.startswith(f"affine{i}.")}
+            transforms.append(_BatchedAffine(t, self.full_ndim).rebuild(new) if new else t)
+        return self.cls(base_distribution, transforms)
 
 
 def _parts(d: Distribution) -> tuple[type, dict, dict]:
     """(class, batch-leading arguments, fixed arguments) that rebuild ``d``; raises for unknown families."""
     if isinstance(d, Independent):
         return type(d), {"base_distribution": d.base_dist}, {"reinterpreted_batch_ndims": d.reinterpreted_batch_ndims}
+    if isinstance(d, TransformedDistribution):
+        return _transformed_parts(d)
     if hasattr(d, "point_logits"):  # models.mixture_distributions.GaussianMixture: K components shared by the batch
         logits = d.point_logits.expand(d.batch_shape + d.point_logits.shape[-1:])
         return type(d), {"logits": logits}, {"loc": d.loc, "scale": d.scale, "max_elements": d.max_elements}
@@ -26,7 +77,9 @@ def _parts(d: Distribution) -> tuple[type, dict, dict]:
         return type(d), {"loc": d.loc, "scale_tril": d.scale_tril}, {}
     names = [k for k in d.arg_constraints if k in vars(d)]
     if not names:
-        raise TypeError(f"cannot split or join a batch of {type(d).__name__}; pass batch_size >= the number of points")
+        raise TypeError(f"cannot split or join a batch of {type(d).__name__} (no batch-leading parameters found); "
+                        "the diagnostics support parameter families, Independent, mixtures, MultivariateNormal and "
+                        "TransformedDistribution -- wrap yours in one of these")
     if type(d).__name__ == "Categorical":
         names = ["logits"]
     return type(d), {k: getattr(d, k) for k in names}, {}
