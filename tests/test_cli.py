@@ -80,7 +80,7 @@ def test_diagnose_refuses_to_overwrite_without_the_flag(tiny_run):
 
 
 @pytest.mark.parametrize("config, message", [
-    ("[svi]\nlearning_rate = 1\n", "unknown key svi.'learning_rate'"),
+    ("[svi]\nlearning_rate = 1\n", "unknown key svi.learning_rate;"),
     ("variants = [\"vae\", \"no-such-variant\"]\n", "unknown variant 'no-such-variant'"),
     ("[data]\nname = \"mnist\"\npath = \"does/not/exist\"\n", "does/not/exist"),
     ("[data]\nlikelihood = \"poisson\"\n", "data.likelihood = 'poisson' is not allowed; choose one of"),

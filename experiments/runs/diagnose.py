@@ -22,22 +22,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vae_priors.experiments.diagnostics import arviz_adapter
-
-from vae_priors.experiments.reporting import plots
-
-from vae_priors.experiments.reporting import report
-from vae_priors.experiments.diagnostics.aggregate import aggregate_diagnostics, posterior_components, prior_components, sample_q_agg
-from vae_priors.experiments.diagnostics.amortization import amortization_gap
 from vae_priors.experiments.config import RunConfig
 from vae_priors.experiments.data.datasets import Dataset, quadrant_masks
-from vae_priors.experiments.evaluation.importance import evaluation_guide
-from vae_priors.experiments.files import UMASK, write_csv, write_text
+from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.diagnostics.aggregate import (
+    aggregate_diagnostics,
+    posterior_components,
+    prior_components,
+    sample_q_agg,
+)
+from vae_priors.experiments.diagnostics.amortization import amortization_gap
 from vae_priors.experiments.diagnostics.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
 from vae_priors.experiments.diagnostics.point import inference_arrays, point_diagnostics
-from vae_priors.experiments.registry import Pair, get_variant
-from vae_priors.experiments.runs.layout import RunData, load_pair, load_run, load_test_guide
 from vae_priors.experiments.diagnostics.sample_quality import load_or_train_classifier, score_samples
+from vae_priors.experiments.evaluation.importance import evaluation_guide
+from vae_priors.experiments.files import UMASK, write_csv, write_text
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.reporting import plots, report
+from vae_priors.experiments.runs.layout import RunData, load_pair, load_run, load_test_guide
 
 OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
 NUM_GENERATED = 1000  # decoded samples per source for the sample scores

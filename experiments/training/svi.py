@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
-from vae_priors.experiments.files import save_torch
+from vae_priors.experiments.files import FileFormatError, StateMismatchError, load_state, load_torch, save_torch
 from vae_priors.experiments.registry import Pair
 from vae_priors.experiments.training.objectives import kl_weight, make_elbo
 from vae_priors.models.plate import subsample
@@ -99,6 +99,40 @@ def svi_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: tupl
     return value
 
 
+CHECKPOINT_KEYS = ("objective", "optimizer", "rng", "state")
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    saved = load_torch(path, "checkpoint", map_location=device, weights_only=False)  # RNG states are not tensors
+    if not isinstance(saved, dict) or any(key not in saved for key in CHECKPOINT_KEYS):
+        raise FileFormatError(f"{path} is not a training checkpoint of `vae-priors run` (it lacks "
+                              f"{', '.join(CHECKPOINT_KEYS)}); delete it to train that variant from the start")
+    return saved
+
+
+def _load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                     shuffle: torch.Generator, device: torch.device) -> dict:
+    """Restore nets, optimizer and RNG states from ``path``; returns the loop state (epoch, early stopping)."""
+    saved = _read_checkpoint(path, device)
+    load_state(objective, saved["objective"], path, "model and guide")
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise StateMismatchError(f"{path}: the optimizer state does not match the pair's parameters ({err}); the "
+                                 "code changed since the checkpoint was written -- start a new run") from None
+    _set_rng_state(saved["rng"], shuffle)
+    return saved["state"]
+
+
+def check_checkpoint(pair: Pair, config: SVIConfig, path: str | Path) -> None:
+    """Raise (before any training) if the checkpoint at ``path`` cannot resume ``pair``: damaged or mismatched."""
+    objective = pair.objective(make_elbo(config.objective, config.num_particles))
+    saved = _read_checkpoint(Path(path), torch.device("cpu"))
+    original = copy.deepcopy(objective.state_dict())
+    load_state(objective, saved["objective"], path, "model and guide")
+    objective.load_state_dict(original)  # the check leaves the untrained pair as it was
+
+
 def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoint: str | Path | None = None,
         resume: bool = False, name: str = "", progress: bool | None = None) -> FitResult:
     """Train ``pair`` on ``data.train`` and restore the state with the best monitored ELBO.
@@ -124,14 +158,12 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
     if resume:
         if checkpoint is None or not checkpoint.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        objective.load_state_dict(saved["objective"])
-        optimizer.load_state_dict(saved["optimizer"])
-        _set_rng_state(saved["rng"], shuffle)
-        state = saved["state"]
+        state = _load_checkpoint(checkpoint, objective, optimizer, shuffle, device)
     show = sys.stderr.isatty() if progress is None else progress
     first_epoch = state["epoch"]
-    bar = tqdm(range(first_epoch, config.epochs), desc=name or "fit", disable=not show, leave=False)
+    # A checkpoint written after early stopping has nothing left to train: resuming it must not add an epoch.
+    last_epoch = first_epoch if state["wait"] >= config.patience else config.epochs
+    bar = tqdm(range(first_epoch, last_epoch), desc=name or "fit", disable=not show, leave=False)
     for epoch in bar:
         start, beta, train_total = time.perf_counter(), _beta(config, epoch), 0.0
         objective.train()
