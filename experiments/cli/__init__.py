@@ -1,6 +1,7 @@
 """``vae-priors``: train, evaluate and diagnose the registered variants.
 
     vae-priors run [CONFIG.toml]   train + evaluate every variant (default: the embedded digits), then diagnose
+    vae-priors run --resume DIR    finish a run that was stopped (Ctrl-C, kill, a full disk)
     vae-priors list                the registered variants
     vae-priors diagnose RUN_DIR    (re)compute the diagnostics of a run directory
     vae-priors bench NAME          benchmarks: svi, mixture-prior, diagnostics
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -43,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train, evaluate and diagnose variants")
     run.add_argument("config", nargs="?", help="TOML config (default: the quick start on the embedded digits)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="finish a stopped run: skip its finished variants, continue "
+                     "the interrupted one from its checkpoint, train the rest (settings come from RUN_DIR/config.toml)")
     run.add_argument("--out", help="run directory to create (default: runs/DATA-seedN-TIMESTAMP); must not exist")
     run.add_argument("--seed", type=int, help="overrides the config's seed")
     run.add_argument("--epochs", type=int, help="overrides svi.epochs")
@@ -96,7 +100,8 @@ def describe(err: BaseException) -> tuple[str, int]:
     message, status = _classify(err)
     run_dir = getattr(err, "run_dir", None)  # set by `run` once its directory exists
     if run_dir is not None:
-        message += f"; the run directory {run_dir} is kept: finish it with `vae-priors run --resume {run_dir}`"
+        message += (f"; {run_dir} keeps every finished variant and the last checkpoint (written each epoch): "
+                    f"finish the run with `vae-priors run --resume {shlex.quote(str(run_dir))}`")
     return " ".join(message.split()), status
 
 
