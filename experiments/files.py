@@ -30,7 +30,8 @@ class FileFormatError(ValueError):
 
 
 def _write_error(path: Path, err: BaseException) -> WriteError:
-    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    # torch's zip writer reports a short write as "[enforce fail at inline_container.cc] ...": say what it means
+    reason = getattr(err, "strerror", None) or "the write stopped early"
     return WriteError(f"could not write {path}: {reason}; nothing partial was left. Check that its directory is "
                       "writable and that the disk (or `ulimit -f`) has room, then try again")
 
@@ -83,8 +84,10 @@ def load_torch(path: str | Path, what: str, *, map_location: str | torch.device 
         raise FileNotFoundError(f"{what} {path} not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, IndexError) as err:
+    except PermissionError:
+        raise  # the CLI names the file and the fix
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, IndexError) as err:  # a truncated zip is an OSError (EINVAL) from torch's reader
         size = path.stat().st_size
         state = "empty" if size == 0 else f"truncated or not a torch file ({size} bytes; {_first_line(err)})"
         raise FileFormatError(f"cannot read {what} {path}: the file is {state}. It was damaged (a full disk or a "
