@@ -6,6 +6,7 @@ Every section is a dataclass; an unknown key anywhere is an error that names it 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -84,7 +85,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r}; known keys here: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown key {where}{unknown[0]}; known keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]
@@ -151,6 +152,10 @@ def check(config: RunConfig) -> RunConfig:
         raise ConfigError(f"data.likelihood = 'gaussian' with data.binarize = {config.data.binarize!r} would fit a "
                           "Gaussian to 0/1 pixels; set data.binarize = 'none' to model grey values with a Gaussian, "
                           "or use data.likelihood = 'bernoulli' for binary data")
+    if not math.isfinite(config.svi.lr):  # clip_norm = inf stays allowed: it means "no clipping"
+        raise ConfigError(f"svi.lr must be a finite number > 0, got {config.svi.lr!r}")
+    if config.seed < 0:
+        raise ConfigError(f"seed must be >= 0 (torch seeds are unsigned), got {config.seed}")
     if config.threads < 0:
         raise ConfigError(f"threads must be >= 0 (0 = this process's share of the cores), got {config.threads}")
     if config.data.max_train < 0 or config.eval.local_refit_steps < 0:
@@ -166,10 +171,16 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 def load(path: str | Path) -> RunConfig:
     """Read a TOML config; every key is optional and defaults to the quick start's value."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; pass the path of a .toml file (a run directory's "
+                          "config.toml, or one of experiments/configs/*.toml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a .toml file")
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); a config must be a TOML "
+                          "text file saved as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     try:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vae_priors.experiments.diagnostics import arviz_adapter
+from vae_priors.experiments.files import FileFormatError
 
 
 def _pareto_log_weights(k: float, num: int, rng) -> np.ndarray:
@@ -54,3 +55,11 @@ def test_inference_data_round_trips_through_netcdf(tmp_path):
     assert back.posterior["z"].dims == ("chain", "draw", "obs", "latent")
     assert list(back.prior["obs"].values) == [4, 8, 9]
     assert not list(tmp_path.glob(".variant.nc.*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content", [b"", b"CDF\x01 truncated"], ids=["empty", "truncated"])
+def test_a_damaged_netcdf_file_is_one_error_naming_it(tmp_path, content):
+    path = tmp_path / "vae.nc"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match=r"cannot read .*vae.nc as NetCDF"):
+        arviz_adapter.read_netcdf(path)

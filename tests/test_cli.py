@@ -101,8 +101,16 @@ def test_diagnose_refuses_to_overwrite_without_the_flag(tiny_run):
     assert result.returncode == 2 and "--overwrite" in result.stderr
 
 
+def test_diagnose_overwrite_replaces_an_existing_result(tiny_run):
+    cwd, _ = tiny_run
+    result = vae_priors("diagnose", "run", "--overwrite", "--quiet", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and (cwd / "run" / "report.html").is_file()
+    assert not [p.name for p in (cwd / "run").iterdir() if p.name.startswith(".diagnostics")]
+
+
 @pytest.mark.parametrize("config, message", [
-    ("[svi]\nlearning_rate = 1\n", "unknown key svi.'learning_rate'"),
+    ("[svi]\nlearning_rate = 1\n", "unknown key svi.learning_rate;"),
     ("variants = [\"vae\", \"no-such-variant\"]\n", "unknown variant 'no-such-variant'"),
     ("[data]\nname = \"mnist\"\npath = \"does/not/exist\"\n", "does/not/exist"),
     ("[data]\nlikelihood = \"poisson\"\n", "data.likelihood = 'poisson' is not allowed; choose one of"),

@@ -12,8 +12,9 @@ from torch import nn
 
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
+from vae_priors.experiments.files import FileFormatError, StateMismatchError
 from vae_priors.experiments.registry import Pair, get_variant
-from vae_priors.experiments.training.svi import NonFiniteLossError, fit, mean_elbo
+from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit, mean_elbo
 from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 from vae_priors.models.plate import subsample
 
@@ -93,6 +94,29 @@ def test_interrupted_and_resumed_fit_ends_with_the_parameters_of_an_uninterrupte
         assert torch.equal(value, _state(resumed)[name]), name
     assert straight_result.history.equals(resumed_result.history.assign(seconds=straight_result.history.seconds))
     assert resumed_result.best_epoch == straight_result.best_epoch
+
+
+def test_resuming_a_fit_that_stopped_early_trains_no_further_epoch(digits300, small_model_config, tmp_path):
+    config = SVIConfig(epochs=6, batch_size=100, lr=10.0, patience=1)  # a huge step: the val ELBO gets worse
+    pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
+    stopped = fit(pair, digits300, config, seed=1, checkpoint=tmp_path / "c.pt")
+    assert len(stopped.history) < config.epochs  # early stopping, not the epoch limit
+    again = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
+    resumed = fit(again, digits300, config, seed=1, checkpoint=tmp_path / "c.pt", resume=True)
+    assert resumed.history.equals(stopped.history) and resumed.best_epoch == stopped.best_epoch
+    for name, value in _state(pair).items():
+        assert torch.equal(value, _state(again)[name]), name
+
+
+def test_a_checkpoint_of_another_pair_is_refused_in_one_line(digits300, small_model_config, tmp_path):
+    pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
+    fit(pair, digits300, FAST, checkpoint=tmp_path / "c.pt")
+    other = get_variant("vae-constant-guide").factory(digits300, small_model_config, "bernoulli")
+    with pytest.raises(StateMismatchError, match=r"c.pt does not match the model and guide.*(missing|unexpected)"):
+        check_checkpoint(other, FAST, tmp_path / "c.pt")
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(FileFormatError, match=r"cannot read checkpoint .*c.pt: the file is empty"):
+        fit(pair, digits300, FAST, checkpoint=tmp_path / "c.pt", resume=True)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(digits300, small_model_config, tmp_path):

@@ -1,6 +1,7 @@
 """``vae-priors``: train, evaluate and diagnose the registered variants.
 
     vae-priors run [CONFIG.toml]   train + evaluate every variant (default: the embedded digits), then diagnose
+    vae-priors run --resume DIR    finish a run that was stopped (Ctrl-C, kill, a full disk)
     vae-priors list                the registered variants
     vae-priors diagnose RUN_DIR    (re)compute the diagnostics of a run directory
     vae-priors check MODULE:FACTORY  does a pair of yours meet the model/guide contract?
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -50,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train, evaluate and diagnose variants")
     run.add_argument("config", nargs="?", help="TOML config (default: the quick start on the embedded digits)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="finish a stopped run: skip its finished variants, continue "
+                     "the interrupted one from its checkpoint, train the rest (settings come from RUN_DIR/config.toml)")
     run.add_argument("--out", help="run directory to create (default: runs/DATA-seedN-TIMESTAMP); must not exist")
     run.add_argument("--seed", type=int, help="overrides the config's seed")
     run.add_argument("--epochs", type=int, help="overrides svi.epochs")
@@ -85,22 +89,77 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from vae_priors.experiments.config import ConfigError  # light: stdlib and tomli_w only
+    """Parse, run one command, and turn any failure into one line on stderr (the traceback with VAE_PRIORS_DEBUG=1).
 
+    Exit status: 0 done, 2 bad input (arguments, config, data or run files), 1 any other failure, 130 Ctrl-C.
+    """
+    args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError,
-            ModuleNotFoundError) as err:
+    except (Exception, KeyboardInterrupt) as err:
         if os.environ.get("VAE_PRIORS_DEBUG"):
             raise
-        message = err.args[0] if err.args else str(err)
-        print(f"vae-priors: error: {message}", file=sys.stderr)
-        return 2
+        message, status = describe(err)
+        print(f"vae-priors: {'interrupted' if status == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr)
+        return status
+
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEBUG_HINT = "rerun with VAE_PRIORS_DEBUG=1 to see the traceback"
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
+
+
+def describe(err: BaseException) -> tuple[str, int]:
+    """One line saying what failed, the file or setting involved and the fix, and the exit status."""
+    message, status = _classify(err)
+    run_dir = getattr(err, "run_dir", None)  # set by `run` once its directory exists
+    if run_dir is not None:
+        message += (f"; {run_dir} keeps every finished variant and the last checkpoint (written each epoch): "
+                    f"finish the run with `vae-priors run --resume {shlex.quote(str(run_dir))}`")
+    return " ".join(message.split()), status
+
+
+def _classify(err: BaseException) -> tuple[str, int]:
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped by Ctrl-C", EXIT_INTERRUPTED
+    if _is(err, "vae_priors.experiments.training.svi", "NonFiniteLossError"):
+        return _text(err), EXIT_FAILURE  # the message names the variant, epoch, checkpoint and the fix
+    if isinstance(err, UnicodeDecodeError):  # a reader that did not name its file
+        return (f"a text input is not UTF-8 ({err.reason} at byte {err.start}); save configs and .amat files as "
+                f"UTF-8 text"), EXIT_USAGE
+    if isinstance(err, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return _os_text(err, "check the path"), EXIT_USAGE
+    if isinstance(err, PermissionError):
+        return _os_text(err, "choose a path you may write to, or change its permissions"), EXIT_FAILURE
+    if isinstance(err, OSError):
+        return _os_text(err, "check the path and the free disk space"), EXIT_FAILURE
+    if isinstance(err, EOFError) or type(err).__name__ in ("BadZipFile", "UnpicklingError"):
+        return (f"a file ended early or is not in the expected format ({type(err).__name__}: {_text(err)}); it is "
+                f"truncated or damaged -- restore it ({DEBUG_HINT} to see which)"), EXIT_USAGE
+    # ConfigError and FileFormatError are ValueErrors; ModuleNotFoundError: a module named by --import
+    if isinstance(err, (UsageError, ValueError, KeyError, ModuleNotFoundError)):
+        return _text(err), EXIT_USAGE
+    return f"unexpected {type(err).__name__}: {_text(err)} ({DEBUG_HINT}, and please report it)", EXIT_FAILURE
+
+
+def _is(err: BaseException, module: str, name: str) -> bool:
+    """``isinstance(err, module.name)`` without importing ``module`` (the CLI parses without torch)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls is not None and isinstance(err, cls)
+
+
+def _text(err: BaseException) -> str:
+    return str(err.args[0]) if len(err.args) == 1 else str(err) or type(err).__name__
+
+
+def _os_text(err: OSError, fix: str) -> str:
+    """An ``OSError`` from the operating system names its path; our own carry a full message."""
+    if err.filename is None:
+        return _text(err)
+    return f"{err.strerror or type(err).__name__}: {err.filename}; {fix}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ def format_diagnostics(table: pd.DataFrame) -> str:
 def command_diagnose(args: argparse.Namespace) -> int:
     from vae_priors.experiments.runs.diagnose import diagnose_run
 
+    if args.particles is not None and args.particles <= 0:
+        from vae_priors.experiments.cli import UsageError
+
+        raise UsageError(f"--particles must be > 0 (importance draws per test point), got {args.particles}")
     progress = not args.quiet and sys.stderr.isatty()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if args.variants is not None and not variants:

@@ -1,9 +1,15 @@
-"""``vae-priors run [CONFIG]``: train and evaluate every variant of a config, then diagnose them."""
+"""``vae-priors run [CONFIG]``: train and evaluate every variant of a config, then diagnose them.
+
+``vae-priors run --resume RUN_DIR`` finishes a run that was stopped: variants in metrics.csv are kept, a variant
+with a checkpoint continues from it (bit for bit), the rest are trained; the files are those of a fresh run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -16,20 +22,22 @@ import torch
 from vae_priors.experiments import config as configs
 from vae_priors.experiments.cli import UsageError
 from vae_priors.experiments.config import RunConfig
+from vae_priors.experiments.data.datasets import Dataset
 from vae_priors.experiments.evaluation.importance import evaluate
-from vae_priors.experiments.files import save_torch, write_csv, write_text
-from vae_priors.experiments.registry import VARIANTS, get_variant, import_pairs
+from vae_priors.experiments.files import FileFormatError, save_torch, write_csv, write_text
+from vae_priors.experiments.registry import VARIANTS, Pair, get_variant, import_pairs
 from vae_priors.experiments.runs.layout import (
     build_pair,
     load_run_data,
     pointwise_path,
+    read_pointwise,
     save_pair,
     test_guide_path,
     write_findings,
     write_pointwise,
 )
 from vae_priors.experiments.runtime import provenance, set_threads
-from vae_priors.experiments.training.svi import fit
+from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit
 
 
 def _resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -40,17 +48,47 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.svi.epochs = args.epochs
     if args.particles is not None:
         config.eval.num_particles = args.particles
-    if args.threads is not None:
-        config.threads = args.threads
     config.imports = list(dict.fromkeys([*config.imports, *args.imports]))  # recorded in the run's config.toml
-    import_pairs(config.imports)
-    if args.variants:
+    import_pairs(config.imports)  # before "all variants" is resolved: the user's pairs are part of it
+    if args.variants is not None:
         config.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not config.variants:
+            raise UsageError(f"--variants {args.variants!r} names no variant; pass comma-separated names (see "
+                             "`vae-priors list`), or leave --variants out to run them all")
     if not config.variants:
         config.variants = list(VARIANTS)
+    return config
+
+
+# What a resumed run takes from its config.toml and may not change halfway (the results would mix two settings).
+FIXED_BY_RESUME = {"config": "CONFIG", "out": "--out", "seed": "--seed", "epochs": "--epochs",
+                   "particles": "--particles", "variants": "--variants"}
+
+
+def _resume_config(args: argparse.Namespace) -> RunConfig:
+    """The config of the run directory ``args.resume``; refuses arguments that would change it."""
+    given = [flag for key, flag in FIXED_BY_RESUME.items() if getattr(args, key) is not None]
+    if given:
+        raise UsageError(f"--resume continues a run with the settings in its config.toml, so it cannot be combined "
+                         f"with {', '.join(given)}; drop them (only --threads, --no-diagnose and --quiet apply), or "
+                         "start a new run for other settings")
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such directory; pass a run directory that `vae-priors run` created")
+    if not (run_dir / "config.toml").is_file():
+        raise UsageError(f"--resume {run_dir}: it has no config.toml, so it is not a run directory that "
+                         "`vae-priors run` created (or it failed before writing one: start a new run)")
+    return configs.load(run_dir / "config.toml")
+
+
+def _check(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """Every check that needs no data: settings, device, variant names."""
+    if args.threads is not None:
+        config.threads = args.threads
     configs.check(config)
     if config.svi.device == "cuda" and not torch.cuda.is_available():
         raise UsageError('svi.device = "cuda" but torch sees no CUDA device; use device = "cpu"')
+    import_pairs(config.imports)  # a resumed run's own imports (a new run's are already in)
     for name in config.variants:
         try:
             get_variant(name)
@@ -59,16 +97,50 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-def _new_run_dir(args: argparse.Namespace, config: RunConfig) -> Path:
+def _new_run_dir(args: argparse.Namespace, config: RunConfig, threads: int) -> Path:
+    """Create the run directory with its config.toml and provenance.toml, or nothing at all."""
     if args.out:
         out = Path(args.out)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{config.data.name}-seed{config.seed}-{stamp}"
     if out.exists():
-        raise UsageError(f"run directory {out} already exists; pass a new --out DIR (runs are never overwritten)")
+        raise UsageError(f"run directory {out} already exists; pass a new --out DIR (runs are never overwritten), "
+                         f"or finish it with `vae-priors run --resume {shlex.quote(str(out))}`")
     out.mkdir(parents=True)
+    try:
+        write_text(out / "config.toml", configs.dumps(config))
+        write_text(out / "provenance.toml", tomli_w.dumps(provenance(threads)))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a directory without config.toml could not be resumed
+        raise
     return out
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, float_precision="round_trip")  # the numbers written back are the same bits
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise FileFormatError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]}); it was "
+                              "damaged -- delete it to redo every variant of the run") from None
+
+
+def _finished(run_dir: Path, config: RunConfig) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
+    """The metrics row and history of every variant a run already finished (it is in metrics.csv)."""
+    if not (run_dir / "metrics.csv").is_file():
+        return {}, {}
+    metrics = _read_csv(run_dir / "metrics.csv")
+    history = _read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else pd.DataFrame()
+    rows = {row["variant"]: row for row in metrics.to_dict("records") if row["variant"] in config.variants}
+    missing = [name for name in rows if history.empty or name not in set(history.variant)]
+    if missing:
+        raise FileFormatError(f"{run_dir / 'history.csv'} lacks the variants {missing} that metrics.csv lists; delete "
+                              "metrics.csv to redo every variant")
+    return rows, {name: history[history.variant == name].reset_index(drop=True) for name in rows}
+
+
+def _checkpoint(run_dir: Path, name: str) -> Path:
+    return run_dir / "checkpoints" / f"{name}.pt"
 
 
 def _format_table(metrics: pd.DataFrame) -> str:
@@ -83,47 +155,79 @@ def _format_table(metrics: pd.DataFrame) -> str:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    config = _resolve_config(args)
+    resume = Path(args.resume) if args.resume else None
+    config = _check(_resume_config(args) if resume else _resolve_config(args), args)
     threads = set_threads(config.threads)
-    data = load_run_data(config.data)  # bad data fails here, before anything is written
-    run_dir = _new_run_dir(args, config)
-    write_text(run_dir / "config.toml", configs.dumps(config))
-    write_text(run_dir / "provenance.toml", tomli_w.dumps(provenance(threads)))
-    print(f"run directory: {run_dir}")
-    histories, metrics, pointwise = [], [], {}
+    # Everything that can fail on bad input runs before the run directory exists: data, every pair, checkpoints.
+    data = load_run_data(config.data)
+    pairs = {name: build_pair(config, data, name) for name in config.variants}
+    done, done_history = _finished(resume, config) if resume else ({}, {})
+    for name, (pair, _) in pairs.items():
+        if resume and name not in done and _checkpoint(resume, name).is_file():
+            check_checkpoint(pair, config.svi, _checkpoint(resume, name))
+    run_dir = resume or _new_run_dir(args, config, threads)
+    try:
+        return _train_evaluate_diagnose(args, config, run_dir, pairs, done, done_history, resume is not None)
+    except NonFiniteLossError:
+        raise  # resuming would meet the same NaN: the message says which setting to change
+    except (Exception, KeyboardInterrupt) as err:
+        err.run_dir = run_dir  # the boundary in cli/__init__ prints how to finish the run
+        raise
+
+
+def _train_variant(args: argparse.Namespace, config: RunConfig, run_dir: Path, name: str, pair: Pair,
+                   dataset: Dataset, resume: bool) -> tuple[dict, pd.DataFrame]:
+    """Train (or continue from its checkpoint) and evaluate one variant; its metrics row and history."""
+    start = time.perf_counter()
+    checkpoint = _checkpoint(run_dir, name)
+    result = fit(pair, dataset, config.svi, seed=config.seed, checkpoint=checkpoint, resume=resume and
+                 checkpoint.is_file(), name=name, progress=None if not args.quiet else False)
+    fit_seconds = time.perf_counter() - start
+    save_pair(pair, run_dir / "pairs" / f"{name}.pt")
+    evaluation = evaluate(pair, dataset.test.to(config.svi.device),
+                          config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
+    write_pointwise(evaluation, pointwise_path(run_dir, name))
+    if evaluation.guide is not pair.guide:  # a per-point guide fitted on the test points: diagnose reuses it
+        save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
+    row = {"variant": name, "conditional": get_variant(name).conditional, "data": dataset.name,
+           "epochs": len(result.history), "best_epoch": result.best_epoch, "monitor": result.monitor,
+           "best_elbo": result.best_elbo, **evaluation.summary(),
+           "num_particles": config.eval.num_particles, "fit_seconds": fit_seconds,
+           "eval_seconds": time.perf_counter() - start - fit_seconds, "note": evaluation.note}
+    history = result.history.assign(variant=name)
+    return row, history[["variant", *result.history.columns]]
+
+
+def _train_evaluate_diagnose(args: argparse.Namespace, config: RunConfig, run_dir: Path,
+                             pairs: dict[str, tuple[Pair, Dataset]], done: dict[str, dict],
+                             done_history: dict[str, pd.DataFrame], resume: bool) -> int:
+    if resume:
+        print(f"resuming {run_dir}: {len(done)} of {len(config.variants)} variants finished")
+    else:
+        print(f"run directory: {run_dir}")
+    histories, metrics = [], []
     for name in config.variants:
-        pair, dataset = build_pair(config, data, name)
-        start = time.perf_counter()
-        result = fit(pair, dataset, config.svi, seed=config.seed, checkpoint=run_dir / "checkpoints" / f"{name}.pt",
-                     name=name, progress=None if not args.quiet else False)
-        fit_seconds = time.perf_counter() - start
-        save_pair(pair, run_dir / "pairs" / f"{name}.pt")
-        evaluation = evaluate(pair, dataset.test.to(config.svi.device),
-                              config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
-        pointwise[name] = write_pointwise(evaluation, pointwise_path(run_dir, name))
-        if evaluation.guide is not pair.guide:  # a per-point guide fitted on the test points: diagnose reuses it
-            save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
-        histories.append(result.history.assign(variant=name))
-        metrics.append({"variant": name, "conditional": get_variant(name).conditional, "data": dataset.name,
-                        "epochs": len(result.history), "best_epoch": result.best_epoch, "monitor": result.monitor,
-                        "best_elbo": result.best_elbo, **evaluation.summary(),
-                        "num_particles": config.eval.num_particles, "fit_seconds": fit_seconds,
-                        "eval_seconds": time.perf_counter() - start - fit_seconds, "note": evaluation.note})
-        # Written after every variant: a failure later keeps what is finished.
-        history = pd.concat(histories, ignore_index=True)
-        write_csv(run_dir / "history.csv", history[["variant", *result.history.columns]])
+        if name in done:
+            metrics.append(done[name]), histories.append(done_history[name])
+            continue
+        row, history = _train_variant(args, config, run_dir, name, *pairs[name], resume)
+        metrics.append(row), histories.append(history)
+        # Written after every variant: a failure later keeps what is finished, and --resume skips it.
+        write_csv(run_dir / "history.csv", pd.concat(histories, ignore_index=True))
         write_csv(run_dir / "metrics.csv", pd.DataFrame(metrics))
-        found = write_findings(run_dir, pointwise)
         if args.quiet is False:
-            print(f"  {name}: {len(result.history)} epochs, test log-lik {metrics[-1]['test_log_lik']:.2f} "
-                  f"({fit_seconds:.1f} s)", file=sys.stderr)
+            print(f"  {name}: {row['epochs']} epochs, test log-lik {row['test_log_lik']:.2f} "
+                  f"({row['fit_seconds']:.1f} s)", file=sys.stderr)
+    write_csv(run_dir / "history.csv", pd.concat(histories, ignore_index=True))
+    write_csv(run_dir / "metrics.csv", pd.DataFrame(metrics))
     table = pd.DataFrame(metrics)
     print(f"\nHeld-out results on {config.data.name} (per data point; IS = importance sampling with "
           f"{config.eval.num_particles} draws; conditional variants predict the hidden quadrants):")
     print(_format_table(table))
-    notes = [f"  {r.variant}: {r.note}" for r in table.itertuples() if r.note]
+    notes = [f"  {r.variant}: {r.note}" for r in table.itertuples() if isinstance(r.note, str) and r.note]
     if notes:
         print("notes:\n" + "\n".join(notes))
+    found = write_findings(run_dir, read_pointwise(run_dir, config.variants))
     if len(found):
         print(f"\nFindings (paired differences over the same {found.n_points.iloc[0]} test points; "
               f"{run_dir / 'findings.csv'}):")
@@ -133,7 +237,8 @@ def command_run(args: argparse.Namespace) -> int:
         from vae_priors.experiments.cli.diagnose import format_diagnostics
         from vae_priors.experiments.runs.diagnose import diagnose_run
 
-        diagnostics = diagnose_run(run_dir, progress=not args.quiet and sys.stderr.isatty())
+        # A resumed run may hold diagnostics from an attempt that stopped while writing them: replace them.
+        diagnostics = diagnose_run(run_dir, progress=not args.quiet and sys.stderr.isatty(), overwrite=resume)
         print(f"\nDiagnostics ({run_dir / 'diagnostics.csv'}, report: {run_dir / 'report.html'}):")
         print(format_diagnostics(diagnostics))
     print(f"\nwrote {run_dir}")

@@ -19,6 +19,8 @@ truncated, wrong magic number, wrong shape, NaN/inf, values that are not what th
 from __future__ import annotations
 
 import gzip
+import pickle
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -155,8 +157,16 @@ def read_amat(path: str | Path, width: int = 784) -> np.ndarray:
     with path.open("rb") as stream:
         if stream.read(6) == b"MATLAB":
             return _read_mat(path)
+    try:
+        return _read_amat_text(path, width)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded) nor a MATLAB file; the "
+                         f"file is damaged or not binarized MNIST -- copy or download it again") from None
+
+
+def _read_amat_text(path: Path, width: int) -> np.ndarray:
     rows = []
-    with path.open() as lines:
+    with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -178,7 +188,12 @@ def _read_mat(path: Path) -> np.ndarray:
     """The single array of a MATLAB v5 file (copies of the ``.amat`` files that hold a matrix ``X``)."""
     from scipy.io import loadmat  # only for this rarely seen variant; scipy comes with scikit-learn
 
-    arrays = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+    try:
+        contents = loadmat(path)
+    except Exception as err:  # scipy raises MatReadError, ValueError, TypeError ... for a damaged file
+        raise ValueError(f"{path} starts like a MATLAB file but cannot be read ({type(err).__name__}: {err}); it is "
+                         "truncated or damaged -- copy or download it again") from None
+    arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
     if len(arrays) != 1:
         raise ValueError(f"{path} is a MATLAB file with arrays {sorted(arrays)}; expected exactly one (N, 784) "
                          "array -- convert it to the text .amat format or to binarized_mnist.npz")
@@ -186,12 +201,24 @@ def _read_mat(path: Path) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as archive:
-        missing = [name for name in BINARIZED_SPLITS.values() if name not in archive.files]
-        if missing:
-            raise ValueError(f"{path} has arrays {sorted(archive.files)} but lacks {missing}; binarized MNIST needs "
-                             f"arrays {list(BINARIZED_SPLITS.values())}")
-        return {split: archive[name] for split, name in BINARIZED_SPLITS.items()}
+    """The three arrays of ``binarized_mnist.npz``; an empty, truncated or non-npz file is a ``ValueError``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [name for name in BINARIZED_SPLITS.values() if name not in archive.files]
+            if missing:
+                raise ValueError(f"{path} has arrays {sorted(archive.files)} but lacks {missing}; binarized MNIST "
+                                 f"needs arrays {list(BINARIZED_SPLITS.values())}")
+            return {split: archive[name] for split, name in BINARIZED_SPLITS.items()}
+    except PermissionError:
+        raise  # the CLI names the file and the fix
+    except (EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, OSError) as err:
+        state = "empty" if path.stat().st_size == 0 else f"truncated or not an .npz archive ({type(err).__name__})"
+        raise ValueError(f"{path} is {state}; copy or download the file again (an .npz written by numpy.savez "
+                         f"with arrays {list(BINARIZED_SPLITS.values())})") from None
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise  # our own message above
+        raise ValueError(f"{path} is not a numpy .npz archive ({err}); copy or download the file again") from None
 
 
 def _check_binary(array: np.ndarray, where: str) -> np.ndarray:

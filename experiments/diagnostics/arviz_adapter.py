@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from vae_priors.experiments.files import atomic_path
+from vae_priors.experiments.files import FileFormatError, atomic_path
 
 warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
 import arviz as az  # noqa: E402
@@ -104,7 +104,17 @@ def write_netcdf(idata: az.InferenceData, path: str | Path) -> Path:
 
 
 def read_netcdf(path: str | Path) -> az.InferenceData:
-    return az.from_netcdf(path)
+    """A ``diagnostics/NAME.nc`` file; an empty, truncated or foreign file is a ``FileFormatError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; `vae-priors diagnose RUN_DIR` writes it")
+    try:
+        return az.from_netcdf(path)
+    except PermissionError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise FileFormatError(f"cannot read {path} as NetCDF ({type(err).__name__}); it is truncated or not a "
+                              "diagnostics file -- rerun `vae-priors diagnose RUN_DIR --overwrite`") from None
 
 
 def elpd_data(log_lik_psis: np.ndarray, khat: np.ndarray, num_samples: int = 1000) -> az.ELPDData:

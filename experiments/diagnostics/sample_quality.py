@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_priors.experiments.data.datasets import Split
-from vae_priors.experiments.files import atomic_path
+from vae_priors.experiments.files import atomic_path, load_torch
 
 FEATURE_DIM = 64
 HIDDEN = 256
@@ -84,7 +84,7 @@ def load_or_train_classifier(split: Split, cache_dir: str | Path, name: str = "d
         return None, f"{name} has no class labels, so generated samples are not scored (no classifier to train)"
     path = Path(cache_dir) / f"classifier-{name}-{data_key(split)}-seed{seed}.pt"
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_torch(path, "cached sample-scoring classifier")
         net = FeatureClassifier(saved["x_dim"], saved["num_classes"])
         net.load_state_dict(saved["state"])
         return net.eval(), f"classifier loaded from {path}"

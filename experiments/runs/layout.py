@@ -28,7 +28,7 @@ from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits,
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.evaluation.comparisons import findings
 from vae_priors.experiments.evaluation.importance import Evaluation
-from vae_priors.experiments.files import save_torch, write_csv
+from vae_priors.experiments.files import FileFormatError, load_state, load_torch, save_torch, write_csv
 from vae_priors.experiments.registry import Pair, get_variant, import_pairs
 
 
@@ -52,7 +52,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """The data set named in ``cfg`` (before binarization)."""
     if cfg.name == "digits":
         return load_digits()
-    # file formats: only imported when a path-based data set is asked for
+    # File formats are only imported when a path-based data set is asked for.
     from vae_priors.experiments.data import formats as data_files
 
     return data_files.load_named(cfg)
@@ -111,7 +111,7 @@ def load_test_guide(run_dir: str | Path, variant: str, pair: Pair, num_points: i
     if not path.is_file() or getattr(pair.guide, "amortized", True):
         return None
     guide = pair.guide.for_new_points(num_points)
-    guide.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    load_state(guide, load_torch(path, "per-point test guide"), path, f"{variant} test guide")
     return guide
 
 
@@ -133,9 +133,12 @@ def load_pair(run_dir: str | Path, variant: str, config: RunConfig, data: RunDat
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: variant {variant!r} was not trained in this run")
     pair, dataset = build_pair(config, data, variant)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    pair.model.load_state_dict(state["model"])
-    pair.guide.load_state_dict(state["guide"])
+    state = load_torch(path, "trained pair")
+    if not isinstance(state, dict) or not {"model", "guide"} <= set(state):
+        raise FileFormatError(f"{path} is not a trained pair (a dict with 'model' and 'guide' state dicts); restore "
+                              f"it, or rerun the variant")
+    load_state(pair.model, state["model"], path, f"{variant} model")
+    load_state(pair.guide, state["guide"], path, f"{variant} guide")
     pair.model.eval(), pair.guide.eval()
     return pair, dataset
 

@@ -9,11 +9,14 @@ per data point.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
-from vae_priors.experiments.files import save_torch
+from vae_priors.experiments.files import FileFormatError, StateMismatchError, load_state, load_torch, save_torch
 from vae_priors.experiments.registry import Pair
 from vae_priors.experiments.training.contract import check_pair
 from vae_priors.experiments.training.objectives import kl_weight, make_elbo
@@ -57,6 +60,14 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["shuffle"])
 
 
+@contextlib.contextmanager
+def _no_nan_warning() -> Iterator[None]:
+    """Silence Pyro's "Encountered NaN" warning: ``fit`` raises a ``NonFiniteLossError`` that says more."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")
+        yield
+
+
 @torch.no_grad()
 def mean_elbo(objective: nn.Module, split: Split, batch_size: int = 1024) -> float:
     """The objective's ELBO estimate per data point on a whole split (one draw per point)."""
@@ -66,7 +77,7 @@ def mean_elbo(objective: nn.Module, split: Split, batch_size: int = 1024) -> flo
     try:
         for start in range(0, len(split), batch_size):
             index = torch.arange(start, min(start + batch_size, len(split)), device=split.x.device)
-            with subsample(index, len(split)):
+            with subsample(index, len(split)), _no_nan_warning():
                 total -= objective(*split.tensors(index)).item() * len(index) / len(split)
     finally:
         objective.train(was_training)
@@ -88,7 +99,7 @@ def svi_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: tupl
     :param validate: run Pyro's validation checks (``pyro.validation_enabled``) during this step.
     :raises NonFiniteLossError: if the loss is NaN or inf, before the parameters are touched.
     """
-    with subsample(index, num_points), kl_weight(beta), pyro.validation_enabled(validate):
+    with subsample(index, num_points), kl_weight(beta), pyro.validation_enabled(validate), _no_nan_warning():
         loss = objective(*batch) / num_points
     value = loss.item()
     if not math.isfinite(value):
@@ -98,6 +109,47 @@ def svi_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: tupl
     torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm)
     optimizer.step()
     return value
+
+
+CHECKPOINT_KEYS = ("objective", "optimizer", "rng", "state")
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict:
+    saved = load_torch(path, "checkpoint", map_location=device, weights_only=False)  # RNG states are not tensors
+    if not isinstance(saved, dict) or any(key not in saved for key in CHECKPOINT_KEYS):
+        raise FileFormatError(f"{path} is not a training checkpoint of `vae-priors run` (it lacks "
+                              f"{', '.join(CHECKPOINT_KEYS)}); delete it to train that variant from the start")
+    return saved
+
+
+def _load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                     shuffle: torch.Generator, device: torch.device) -> dict:
+    """Restore nets, optimizer and RNG states from ``path``; returns the loop state (epoch, early stopping)."""
+    saved = _read_checkpoint(path, device)
+    load_state(objective, saved["objective"], path, "model and guide")
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise StateMismatchError(f"{path}: the optimizer state does not match the pair's parameters ({err}); the "
+                                 "code changed since the checkpoint was written -- start a new run") from None
+    _set_rng_state(saved["rng"], shuffle)
+    return saved["state"]
+
+
+def check_checkpoint(pair: Pair, config: SVIConfig, path: str | Path) -> None:
+    """Raise (before any training) if the checkpoint at ``path`` cannot resume ``pair``: damaged or mismatched."""
+    objective = pair.objective(make_elbo(config.objective, config.num_particles))
+    saved = _read_checkpoint(Path(path), torch.device("cpu"))
+    original = copy.deepcopy(objective.state_dict())
+    load_state(objective, saved["objective"], path, "model and guide")
+    objective.load_state_dict(original)  # the check leaves the untrained pair as it was
+
+
+def _non_finite(what: str, name: str, epoch: int, checkpoint: Path | None) -> NonFiniteLossError:
+    where = f"; the last good state is in {checkpoint}" if checkpoint and checkpoint.exists() else ""
+    return NonFiniteLossError(f"{name or 'training'}: {what} in epoch {epoch + 1}{where}. Lower svi.lr (or set a "
+                              "finite svi.clip_norm), raise svi.warmup_epochs or check the data for extreme values, "
+                              "and start a new run")
 
 
 def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoint: str | Path | None = None,
@@ -125,14 +177,12 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
     if resume:
         if checkpoint is None or not checkpoint.is_file():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {checkpoint}")
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        objective.load_state_dict(saved["objective"])
-        optimizer.load_state_dict(saved["optimizer"])
-        _set_rng_state(saved["rng"], shuffle)
-        state = saved["state"]
+        state = _load_checkpoint(checkpoint, objective, optimizer, shuffle, device)
     show = sys.stderr.isatty() if progress is None else progress
     first_epoch = state["epoch"]
-    bar = tqdm(range(first_epoch, config.epochs), desc=name or "fit", disable=not show, leave=False)
+    # A checkpoint written after early stopping has nothing left to train: resuming it must not add an epoch.
+    last_epoch = first_epoch if state["wait"] >= config.patience else config.epochs
+    bar = tqdm(range(first_epoch, last_epoch), desc=name or "fit", disable=not show, leave=False)
     for epoch in bar:
         start, beta, train_total = time.perf_counter(), _beta(config, epoch), 0.0
         objective.train()
@@ -150,12 +200,17 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoi
                 loss = svi_step(objective, optimizer, batch, index, n, beta=beta, clip_norm=config.clip_norm,
                                 validate=first)
             except NonFiniteLossError as err:
-                where = f"; the last good state is in {checkpoint}" if checkpoint and checkpoint.exists() else ""
-                raise NonFiniteLossError(
-                    f"{name or 'training'}: {err} in epoch {epoch + 1}{where}. "
-                    "Lower svi.lr, raise svi.warmup_epochs or check the data for extreme values.") from None
+                raise _non_finite(str(err), name, epoch, checkpoint) from None
             train_total -= loss * len(index)
-        val_elbo = mean_elbo(objective, val) if monitor == "val_elbo" else math.nan
+        if not all(torch.isfinite(p).all() for p in objective.parameters()):  # a finite loss, then a huge step
+            raise _non_finite("non-finite parameters after the last step", name, epoch, checkpoint)
+        try:
+            val_elbo = mean_elbo(objective, val) if monitor == "val_elbo" else math.nan
+        except ValueError as err:  # a distribution argument out of its support: the nets overflowed
+            raise _non_finite(f"invalid values in the validation pass ({str(err)[:80]}...)", name, epoch,
+                              checkpoint) from None
+        if math.isnan(val_elbo) and monitor == "val_elbo":
+            raise _non_finite("non-finite validation ELBO", name, epoch, checkpoint)
         row = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_total / n, "val_elbo": val_elbo,
                "seconds": time.perf_counter() - start}
         state["history"].append(row)
