@@ -35,3 +35,29 @@ def test_readme_pair_trains_evaluates_and_is_diagnosed(digits300):
     points = point_diagnostics(pair, digits300.test, num_particles=50)
     assert points.khat.shape == (len(digits300.test),) and np.isfinite(points.log_lik_psis).all()
     assert (points.kl >= 0).all() and np.isfinite(points.kl).all()
+
+
+def _api_blocks() -> list[str]:
+    section = README.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_api_blocks_train_diagnose_generate_and_load_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    train, diagnose, load = _api_blocks()
+    namespace: dict = {}
+    exec(compile(train, str(README), "exec"), namespace)  # noqa: S102 -- our own documentation
+    assert len(namespace["result"].history) <= 20 and namespace["result"].best_epoch >= 1
+    exec(compile(diagnose, str(README), "exec"), namespace)  # noqa: S102
+    assert namespace["points"].khat.shape == (100,)
+    assert set(namespace["images"]) == {"prior", "q_agg", "gmm"}
+    assert namespace["images"]["q_agg"].mean.shape == (16, namespace["dataset"].x_dim)
+    run = subprocess.run([sys.executable, "-m", "vae_priors.experiments.cli", "run", "--variants", "vae", "--epochs",
+                          "2", "--particles", "10", "--no-diagnose", "--quiet", "--out", "run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    loaded = {"run_dir": str(tmp_path / "run")}
+    exec(compile(load, str(README), "exec"), loaded)  # noqa: S102
+    assert loaded["pair"].model.training is False and loaded["dataset"].name == "digits"

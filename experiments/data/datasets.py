@@ -45,6 +45,17 @@ class Split:
         return self._map(lambda t: t.to(device))
 
 
+def as_split(points: Split | torch.Tensor | tuple[torch.Tensor, ...]) -> Split:
+    """A ``Split`` from a split or from tensors: ``x`` (N, D), ``(x,)`` or ``(x, y)``."""
+    if isinstance(points, Split):
+        return points
+    if torch.is_tensor(points):
+        return Split(points)
+    if isinstance(points, tuple) and 1 <= len(points) <= 2 and all(torch.is_tensor(t) for t in points):
+        return Split(*points)
+    raise TypeError(f"expected a Split, a tensor x or a tuple (x, y) of tensors, got {type(points).__name__}")
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A named data set: three splits, the image shape of x (if x is an image), and how to binarize."""

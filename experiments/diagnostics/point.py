@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vae_priors.experiments.data.datasets import Split
+from vae_priors.experiments.data.datasets import Split, as_split
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import point_kl, posterior_components, prior_components
 from vae_priors.experiments.diagnostics.distribution_batches import map_batch
@@ -66,14 +66,17 @@ def _standard_normal_like(p: torch.distributions.Distribution) -> dist.Distribut
 
 
 @torch.no_grad()
-def point_diagnostics(pair: Pair, split: Split, num_particles: int = 1000, seed: int = 0,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS, guide: nn.Module | None = None,
+def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tensor, ...], num_particles: int = 1000,
+                      seed: int = 0, max_elements: int = DEFAULT_MAX_ELEMENTS, guide: nn.Module | None = None,
                       local_refit_steps: int = 500, kl_draws: int = 256, batch_size: int = 4096) -> PointDiagnostics:
     """Per-point diagnostics on ``split`` with ``num_particles`` importance samples per point.
 
     Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
     no site holds more than ``max_elements`` numbers (``vae_priors.experiments.evaluation.log_weights``).
+
+    :param split: a ``Split``, or the points themselves: a tensor x (N, D), or ``(x, y)`` for a conditional pair.
     """
+    split = as_split(split)
     guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
     args = split.tensors()
     pyro.set_rng_seed(seed)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.config import RunConfig, SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.files import FileFormatError, StateMismatchError, load_state, load_torch, save_torch
 from vae_priors.experiments.registry import Pair
@@ -152,15 +152,22 @@ def _non_finite(what: str, name: str, epoch: int, checkpoint: Path | None) -> No
                               "and start a new run")
 
 
-def fit(pair: Pair, data: Dataset, config: SVIConfig, *, seed: int = 0, checkpoint: str | Path | None = None,
-        resume: bool = False, name: str = "", progress: bool | None = None) -> FitResult:
+def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int | None = None,
+        checkpoint: str | Path | None = None, resume: bool = False, name: str = "",
+        progress: bool | None = None) -> FitResult:
     """Train ``pair`` on ``data.train`` and restore the state with the best monitored ELBO.
 
+    :param config: the ``[svi]`` settings, or a whole ``RunConfig`` (its ``svi`` section and its seed are used).
+    :param seed: default: the ``RunConfig``'s seed, else 0.
     :param checkpoint: file to write after every epoch (everything needed to resume: nets, optimizer,
         epoch, early-stopping state, RNG states, history); with ``resume=True`` training continues from it.
     :param progress: show a tqdm bar; by default only when stderr is a terminal.
     :raises NonFiniteLossError: on a NaN/inf loss; the checkpoint of the last good epoch is kept.
     """
+    if isinstance(config, RunConfig):
+        seed = config.seed if seed is None else seed
+        config = config.svi
+    seed = 0 if seed is None else seed
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("svi.device = \"cuda\" but torch sees no CUDA device; use device = \"cpu\"")
