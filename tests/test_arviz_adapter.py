@@ -40,21 +40,44 @@ def test_elpd_data_is_accepted_by_compare_and_ranks_the_higher_log_likelihood_fi
         arviz_adapter.compare({"a": better, "b": arviz_adapter.elpd_data(np.zeros(3), np.zeros(3))})
 
 
-def test_inference_data_round_trips_through_netcdf(tmp_path):
-    rng = np.random.default_rng(2)
-    s, n, d = 20, 3, 2
-    idata = arviz_adapter.to_inference_data(
+def _idata(rng, s=20, n=3, d=2, n_all=12):
+    return arviz_adapter.to_inference_data(
         rng.normal(size=(s, n, d)), rng.normal(size=(s, n, d)), *(rng.normal(size=(s, n)) for _ in range(4)),
         observed=rng.normal(size=(n, 5)), obs_index=np.array([4, 8, 9]), q_agg_draws=rng.normal(size=(30, d)),
-        prior_agg_draws=rng.normal(size=(30, d)))
+        prior_agg_draws=rng.normal(size=(30, d)),
+        held_out={"log_lik_psis": rng.normal(-20, 1, size=n_all), "khat": rng.uniform(0, 0.9, size=n_all)},
+        constant=rng.normal(size=(n, 4)), attrs={"variant": "vae", "data": "digits"})
+
+
+def test_inference_data_round_trips_through_netcdf_with_every_group_and_attribute(tmp_path):
+    idata = _idata(np.random.default_rng(2))
     path = arviz_adapter.write_netcdf(idata, tmp_path / "variant.nc")
     back = arviz_adapter.read_netcdf(path)
-    assert set(back.groups()) == {"posterior", "prior", "log_likelihood", "sample_stats", "observed_data",
-                                  "aggregated_posterior", "aggregated_prior"}
+    assert set(back.groups()) == {"posterior", "prior", "importance_weights", "held_out", "observed_data",
+                                  "constant_data", "aggregated_posterior", "aggregated_prior"}
     np.testing.assert_allclose(back.posterior["z"].values, idata.posterior["z"].values)
     assert back.posterior["z"].dims == ("chain", "draw", "obs", "latent")
     assert list(back.prior["obs"].values) == [4, 8, 9]
+    assert back.held_out["khat"].shape == (12,)  # every test point, not only the stored draws' subset
+    assert back.posterior.attrs["variant"] == "vae" and back.posterior.attrs["inference_library"] == "pyro"
     assert not list(tmp_path.glob(".variant.nc.*"))  # no temporary file left behind
+
+
+def test_arviz_loo_compare_and_plot_khat_refuse_the_file_and_work_on_its_held_out_estimate(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rng = np.random.default_rng(3)
+    a, b = (arviz_adapter.read_netcdf(arviz_adapter.write_netcdf(_idata(rng), tmp_path / f"{v}.nc")) for v in "ab")
+    az = arviz_adapter.az
+    for call in (lambda: az.loo(a), lambda: az.compare({"a": a, "b": b}), lambda: az.plot_khat(a)):
+        with pytest.raises((TypeError, ValueError), match="log likelihood|log_likelihood|ELPD computation|khat data"):
+            call()  # no log_likelihood group: the harmonic-mean trap is closed
+    elpd_a = arviz_adapter.elpd_from_inference_data(a, num_samples=20)
+    assert float(elpd_a["elpd_loo"]) == pytest.approx(float(a.held_out["log_lik_psis"].sum()))
+    table = arviz_adapter.compare({"a": elpd_a, "b": arviz_adapter.elpd_from_inference_data(b, 20)})
+    assert set(table.index) == {"a", "b"} and (table["dse"] >= 0).all()
+    az.plot_khat(elpd_a)
 
 
 @pytest.mark.parametrize("content", [b"", b"CDF\x01 truncated"], ids=["empty", "truncated"])

@@ -62,38 +62,85 @@ def _chain(a) -> np.ndarray:
     return np.asarray(a)[None, ...]
 
 
+IMPORTANCE_GROUP = "importance_weights"  # not "log_likelihood": see to_inference_data
+HELD_OUT_GROUP = "held_out"
+
+
 def to_inference_data(z_posterior: np.ndarray, z_prior: np.ndarray, log_lik: np.ndarray, log_w: np.ndarray,
                       log_q: np.ndarray, log_p_z: np.ndarray, observed: np.ndarray, obs_index: np.ndarray,
                       q_agg_draws: np.ndarray | None = None, prior_agg_draws: np.ndarray | None = None,
-                      observed_name: str = "x") -> az.InferenceData:
-    """InferenceData for a subset of n points with S draws each.
+                      observed_name: str = "x", held_out: dict[str, np.ndarray] | None = None,
+                      constant: np.ndarray | None = None, attrs: dict[str, str] | None = None) -> az.InferenceData:
+    """InferenceData for a subset of n points with S draws each, and per-point results for every test point.
+
+    Groups: ``posterior`` z ~ q(z|x_n) and ``prior`` (the model's "z" for the same points); ``importance_weights``
+    log p(x_n|z_s) (``log_lik_given_z``), log q, log p(z) and log w (draws x points); ``held_out`` (dim
+    ``test_point``) the PSIS-smoothed importance-sampled log p(x_n), its k-hat and the plain IS estimate for ALL
+    test points; ``observed_data``; ``constant_data`` (a conditional pair's visible input x); ``aggregated_*``.
+
+    There is deliberately no ``log_likelihood`` group: log p(x_n|z_s) at draws from q is not a posterior predictive
+    log-likelihood, and ``az.loo`` on it is a harmonic-mean-type estimate that ranks a too-narrow guide best. So
+    ``az.loo``/``az.compare``/``az.plot_khat`` on the file refuse (no log_likelihood); ``elpd_from_inference_data``
+    gives them the right input (the held-out estimate with its k-hat).
 
     :param z_posterior: (S, n, D) draws z ~ q(z|x_n); ``z_prior`` (S, n, D) draws from the model's "z" site.
     :param log_lik: (S, n) log p(x_n|z_s) (or log p(y_n|x_n,z_s)); ``log_w``, ``log_q``, ``log_p_z`` (S, n).
     :param observed: (n, width) the observed values; ``obs_index`` (n,) their positions in the split.
-    :param q_agg_draws: (M, D) draws from q_agg, ``prior_agg_draws`` (M, D) from p(z): groups
-        ``aggregated_posterior`` and ``aggregated_prior`` (dims draw, latent).
+    :param held_out: per test point (N,): ``log_lik_psis``, ``khat`` and optionally ``log_lik_is``, ``elbo``.
+    :param constant: (n, width_x) the conditioning input of the n points (conditional pairs).
+    :param attrs: file attributes (variant, data set, ...); the inference library and versions are added.
     """
     s, n, d = np.shape(z_posterior)
     obs, latent = np.asarray(obs_index), np.arange(d)
     coords = {"obs": obs, "latent": latent}
-    dims = {"z": ["obs", "latent"], observed_name: ["obs"], "log_w": ["obs"], "log_q": ["obs"], "log_p_z": ["obs"]}
-    idata = az.from_dict(
-        posterior={"z": _chain(z_posterior)},
-        log_likelihood={observed_name: _chain(log_lik)},
-        sample_stats={"log_w": _chain(log_w), "log_q": _chain(log_q), "log_p_z": _chain(log_p_z)},
-        coords=coords, dims=dims)
     draws = {"chain": [0], "draw": np.arange(s)}
+    idata = az.from_dict(posterior={"z": _chain(z_posterior)}, coords=coords, dims={"z": ["obs", "latent"]})
+    per_draw = (("chain", "draw", "obs"), coords | draws)
+    weights = xr.Dataset({name: (per_draw[0], _chain(values)) for name, values in
+                          (("log_lik_given_z", log_lik), ("log_q", log_q), ("log_p_z", log_p_z), ("log_w", log_w))},
+                         coords={"chain": [0], "draw": np.arange(s), "obs": obs})
+    weights.attrs["meaning"] = ("importance sampling with proposal q(z|x): log_w = log_lik_given_z + log_p_z - log_q; "
+                                "log p(x_n) ~= logsumexp_s log_w - log S. Not a log_likelihood group for az.loo.")
     observed_coords = {"obs": obs, "feature": np.arange(np.shape(observed)[1])}
-    extra = {"observed_data": xr.Dataset({observed_name: (("obs", "feature"), np.asarray(observed))},
+    extra = {IMPORTANCE_GROUP: weights,
+             "observed_data": xr.Dataset({observed_name: (("obs", "feature"), np.asarray(observed))},
                                          coords=observed_coords),
              "prior": xr.Dataset({"z": (("chain", "draw", "obs", "latent"), _chain(z_prior))}, coords=coords | draws)}
+    if held_out is not None:
+        n_all = len(np.asarray(held_out["log_lik_psis"]))
+        extra[HELD_OUT_GROUP] = xr.Dataset({k: (("test_point",), np.asarray(v, dtype=np.float64))
+                                            for k, v in held_out.items()}, coords={"test_point": np.arange(n_all)})
+        extra[HELD_OUT_GROUP].attrs["meaning"] = ("per test point: log_lik_psis = PSIS-smoothed importance-sampled "
+                                                  "log p(x_n) (or log p(y_n|x_n)), khat its Pareto k-hat")
+    if constant is not None:
+        extra["constant_data"] = xr.Dataset({"x": (("obs", "x_feature"), np.asarray(constant))},
+                                            coords={"obs": obs, "x_feature": np.arange(np.shape(constant)[1])})
     for group, agg in (("aggregated_posterior", q_agg_draws), ("aggregated_prior", prior_agg_draws)):
         if agg is not None:
             extra[group] = xr.Dataset({"z": (("chain", "draw", "latent"), _chain(agg))},
                                       coords={"chain": [0], "draw": np.arange(len(agg)), "latent": np.arange(d)})
     idata.add_groups(extra)
+    for group in idata.groups():  # on every group (InferenceData-level attrs do not survive h5netcdf)
+        idata[group].attrs.update(_attrs(attrs))
     return idata
+
+
+def _attrs(attrs: dict[str, str] | None) -> dict[str, str]:
+    import pyro
+    import torch
+
+    values = {**(attrs or {}), "inference_library": "pyro", "inference_library_version": pyro.__version__,
+              "torch_version": torch.__version__, "inference": "variational (SVI); draws are from the guide q(z|x)"}
+    return {k: str.__str__(str(v)) for k, v in values.items()}  # plain str: h5netcdf rejects str subclasses
+
+
+def elpd_from_inference_data(idata: az.InferenceData, num_samples: int) -> az.ELPDData:
+    """The ``ELPDData`` of a stored file's ``held_out`` group: what ``az.compare`` and ``az.plot_khat`` need."""
+    if HELD_OUT_GROUP not in idata.groups():
+        raise ValueError(f"this InferenceData has no {HELD_OUT_GROUP!r} group; rerun `vae-priors diagnose RUN_DIR "
+                         "--overwrite` to write one")
+    group = idata[HELD_OUT_GROUP]
+    return elpd_data(group["log_lik_psis"].values, group["khat"].values, num_samples)
 
 
 def write_netcdf(idata: az.InferenceData, path: str | Path) -> Path:

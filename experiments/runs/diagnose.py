@@ -212,7 +212,13 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
     figures += _reconstructions(pair, points.guide, dataset, data, config, work, name, seed)
     subset = torch.arange(min(NC_POINTS, len(dataset.test)))
     arrays = inference_arrays(pair, dataset.test, subset, num_particles, points.guide, seed)
-    idata = arviz_adapter.to_inference_data(**arrays, q_agg_draws=z_q.numpy(), prior_agg_draws=z_p.numpy())
+    held_out = {"log_lik_psis": points.log_lik_psis, "khat": points.khat, "log_lik_is": points.log_lik_is,
+                "elbo": points.elbo}
+    constant = dataset.test.x[subset].cpu().numpy() if spec.conditional else None
+    attrs = {"variant": name, "data": dataset.name, "target": row["target"], "num_particles": str(num_particles),
+             "run": run_dir.name}
+    idata = arviz_adapter.to_inference_data(**arrays, q_agg_draws=z_q.numpy(), prior_agg_draws=z_p.numpy(),
+                                            held_out=held_out, constant=constant, attrs=attrs)
     arviz_adapter.write_netcdf(idata, work / f"{name}.nc")
     notes = [note] if note else []
     if agg.collapsed_dims:
