@@ -96,3 +96,53 @@ def test_khat_threshold_follows_the_sample_size_rule():
     assert khat_threshold(100) == pytest.approx(0.5)
     assert khat_threshold(1000) == pytest.approx(2 / 3)
     assert khat_threshold(10**6) == pytest.approx(0.7)
+
+
+def _gaussian_q_of_conditional(params, guide_scale, split):
+    """The exact guide's q(z|x,y) = N(m_q, s^2 Cov) and p(z|x) = N(F x + c, diag tau^2) as explicit tensors."""
+    guide = ExactConditionalGuide(params, guide_scale)
+    precision = torch.diag(params.tau.double() ** -2) + params.b_matrix.double().T @ params.b_matrix.double() / \
+        params.sigma**2
+    cov = torch.linalg.inv(precision) * guide_scale**2
+    prior_term = params.prior_loc(split.x.double()) / params.tau.double() ** 2
+    data_term = (split.y.double() - split.x.double() @ params.e_matrix.double().T - params.bias.double()) @ \
+        params.b_matrix.double() / params.sigma**2
+    m_q = (prior_term + data_term) @ (torch.linalg.inv(precision)).T
+    return guide, m_q, cov
+
+
+def test_conditional_rate_reverse_kl_and_holes_match_the_gaussian_closed_forms():
+    # One latent dimension: every quantity has a closed form in the normal CDF.
+    params = conditional_linear_gaussian_parameters(x_dim=2, latent_dim=1, y_dim=3, noise=0.7, seed=1)
+    split = sample_conditional(params, 60, seed=2)
+    guide, m_q, var_q = _gaussian_q_of_conditional(params, 1.0, split)
+    d = point_diagnostics(Pair(params.model(), guide, conditional=True), split, 200, hole_draws=4000)
+    m_p, s_p = params.prior_loc(split.x.double())[:, 0], params.tau.double()[0]
+    m_q, s_q = m_q[:, 0], var_q[0, 0].sqrt()
+    kl = lambda m1, s1, m2, s2: torch.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5  # noqa: E731
+    np.testing.assert_allclose(d.kl, kl(m_q, s_q, m_p, s_p).numpy(), rtol=1e-4, atol=1e-5)  # the rate
+    np.testing.assert_allclose(d.kl_prior_guide, kl(m_p, s_p, m_q, s_q).numpy(), rtol=1e-4, atol=1e-5)
+    # z ~ p lands where log q is below its 1 % quantile: |z - m_q| > c s_q with c the 99.5 % normal quantile.
+    normal = torch.distributions.Normal(0.0, 1.0)
+    c = normal.icdf(torch.tensor(0.995)).double()
+    exact = normal.cdf((m_q - c * s_q - m_p) / s_p) + 1 - normal.cdf((m_q + c * s_q - m_p) / s_p)
+    assert abs(d.conditional_hole_share.mean() - exact.mean().item()) < 0.01
+    assert np.corrcoef(d.conditional_hole_share, exact.numpy())[0, 1] > 0.9
+
+
+def test_a_guide_equal_to_the_prior_has_zero_rate_and_one_percent_holes():
+    params = conditional_linear_gaussian_parameters(x_dim=2, latent_dim=2, y_dim=3, seed=3)
+    split = sample_conditional(params, 40)
+
+    class PriorAsGuide(torch.nn.Module):  # GSNN-style: q(z|x,y) = p(z|x)
+        def forward(self, x, y=None):
+            import pyro
+
+            from vae_priors.models.plate import data_plate
+
+            with data_plate(x.shape[0]):
+                return pyro.sample("z", params.model().prior(x))
+
+    d = point_diagnostics(Pair(params.model(), PriorAsGuide(), conditional=True), split, 100, hole_draws=2000)
+    assert np.abs(d.kl).max() < 1e-6 and np.abs(d.kl_prior_guide).max() < 1e-6
+    assert abs(d.conditional_hole_share.mean() - 0.01) < 0.005

@@ -14,7 +14,7 @@ from vae_priors.experiments.runs.diagnose import COLUMNS, diagnose_run
 from vae_priors.experiments.runs.layout import build_pair, load_run_data, save_pair
 from vae_priors.experiments.training.svi import fit
 
-VARIANTS = ["vae", "vae-local-guide", "cvae"]
+VARIANTS = ["vae", "vae-local-guide", "cvae", "gsnn"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_csv_has_a_row_per_variant_and_the_documented_columns(diagnosed):
     run_dir, table = diagnosed
     csv = pd.read_csv(run_dir / "diagnostics.csv")
     assert list(csv.variant) == VARIANTS
-    missing = {*COLUMNS, "log_lik_se", "kl_p_qagg", "fd_q_agg", "coverage_gmm"} - set(csv.columns)
+    documented = {c for group in COLUMNS for c in group.columns}
+    missing = {*documented, "log_lik_se", "kl_p_qagg", "fd_q_agg", "coverage_gmm"} - set(csv.columns)
     assert not missing
     vae = csv.set_index("variant").loc["vae"]
     assert vae.log_lik >= vae.elbo  # the importance-sampled bound is tighter than the ELBO
@@ -64,13 +65,26 @@ def test_csv_has_a_row_per_variant_and_the_documented_columns(diagnosed):
     assert pd.isna(csv.set_index("variant").loc["cvae", "fd_prior"])  # no unconditional samples for cvae
 
 
+def test_conditional_rows_are_named_for_what_they_compute_and_gsnn_is_flagged(diagnosed):
+    run_dir, _ = diagnosed
+    csv = pd.read_csv(run_dir / "diagnostics.csv").set_index("variant")
+    assert csv.loc["gsnn", "guide_is_prior"] and not csv.loc["cvae", "guide_is_prior"]
+    assert csv.loc["cvae", "kl_prior_guide"] >= 0 and 0 <= csv.loc["cvae", "conditional_hole_share"] <= 1
+    assert pd.isna(csv.loc["vae", "kl_prior_guide"])
+    page = (run_dir / "report.html").read_text()
+    assert "rate E KL(q(z|x,y)‖p(z|x))" in page and "I(index; z)" in page and "KL(q_agg‖p_agg) marginal" in page
+    assert "its guide is its prior" in page
+    conditional = page.split("Conditional pairs p(y|x)")[1]
+    assert "I(x;z)" not in conditional  # the unconditional name is not used for x-conditioned priors
+
+
 def test_report_embeds_its_images_and_references_nothing_outside(diagnosed):
     run_dir, _ = diagnosed
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 * len(VARIANTS)
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//|file:)", page, re.I)
     assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
-    assert "How to read this table" in page and "PSIS" in page
+    assert "How to read these tables" in page and "PSIS" in page
 
 
 def test_second_call_without_overwrite_fails_and_keeps_the_outputs(diagnosed):

@@ -6,8 +6,14 @@ the ELBO and KL(q(z|x_n) || p(z)) -- all read from Pyro traces (``vae_priors.exp
 PSIS (Yao et al. 2018; ArviZ ``psislw``, through ``arviz_adapter``) replaces the largest weights by a fitted
 generalized Pareto tail; its shape k-hat says whether the estimate can be trusted: k-hat above
 min(1 - 1/log10 S, 0.7) means the proposal q(z|x_n) is too narrow for p(z|x_n) and the estimate is unreliable.
-For conditional pairs the same numbers are about log p(y_n|x_n) with q(z|x_n, y_n) as proposal, and
-``kl_prior_standard`` = KL(p(z|x_n) || N(0, I)) says how far the x-conditioned prior moves from the independent one.
+For conditional pairs the same numbers are about log p(y_n|x_n) with q(z|x_n, y_n) as proposal; ``kl`` is then the
+rate KL(q(z|x_n,y_n) || p(z|x_n)), and three more per-point numbers describe the x-conditioned prior:
+
+* ``kl_prior_standard`` = KL(p(z|x_n) || N(0, I)): how far it moves from the independent prior;
+* ``kl_prior_guide`` = KL(p(z|x_n) || q(z|x_n,y_n)): large where the prior puts mass the guide does not;
+* ``conditional_hole_share``: the share of draws z ~ p(z|x_n) whose log q(z|x_n,y_n) is below the 1st percentile
+  of log q at q's own draws -- the conditional analogue of prior holes (Rosca et al. 2018): where prediction
+  (z ~ p(z|x)) lands in codes the generation network was not trained on for this point.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class PointDiagnostics:
     kl_analytic: bool
     kl_per_dim: np.ndarray | None  # (N, D) where prior and guide factorize
     kl_prior_standard: np.ndarray | None  # (N,) conditional pairs: KL(p(z|x_n) || N(0, I))
+    kl_prior_guide: np.ndarray | None  # (N,) conditional pairs: KL(p(z|x_n) || q(z|x_n,y_n))
+    conditional_hole_share: np.ndarray | None  # (N,) conditional pairs: share of p(z|x_n) draws in q's 1 % tail
     num_particles: int
     guide: nn.Module
     note: str = ""
@@ -68,7 +76,8 @@ def _standard_normal_like(p: torch.distributions.Distribution) -> dist.Distribut
 @torch.no_grad()
 def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tensor, ...], num_particles: int = 1000,
                       seed: int = 0, max_elements: int = DEFAULT_MAX_ELEMENTS, guide: nn.Module | None = None,
-                      local_refit_steps: int = 500, kl_draws: int = 256, batch_size: int = 4096) -> PointDiagnostics:
+                      local_refit_steps: int = 500, kl_draws: int = 256, batch_size: int = 4096,
+                      hole_draws: int = 200) -> PointDiagnostics:
     """Per-point diagnostics on ``split`` with ``num_particles`` importance samples per point.
 
     Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
@@ -87,15 +96,36 @@ def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tens
     q = posterior_components(guide, args, batch_size)
     p = prior_components(pair.model, guide, args, batch_size)
     kl, per_dim, analytic, _ = point_kl(q, p, kl_draws, seed, max_elements)
-    kl_standard = None
+    kl_standard = kl_prior_guide = holes = None
     if pair.conditional:
         kl_standard = point_kl(p, _standard_normal_like(p), kl_draws, seed, max_elements).kl.cpu().numpy()
+        kl_prior_guide = point_kl(p, q, kl_draws, seed, max_elements).kl.double().cpu().numpy()
+        holes = conditional_hole_share(p, q, hole_draws, seed, max_elements)
     return PointDiagnostics(
         log_lik_is=(torch.logsumexp(log_w, 0) - log_s).cpu().numpy(),
         log_lik_psis=np.logaddexp.reduce(smoothed, axis=1) - log_s, khat=khat,
         elbo=log_w.mean(0).cpu().numpy(), kl=kl.double().cpu().numpy(), kl_analytic=analytic,
         kl_per_dim=None if per_dim is None else per_dim.double().cpu().numpy(),
-        kl_prior_standard=kl_standard, num_particles=num_particles, guide=guide, note=note)
+        kl_prior_standard=kl_standard, kl_prior_guide=kl_prior_guide, conditional_hole_share=holes,
+        num_particles=num_particles, guide=guide, note=note)
+
+
+@torch.no_grad()
+def conditional_hole_share(p: torch.distributions.Distribution, q: torch.distributions.Distribution, num_draws: int,
+                           seed: int = 0, max_elements: int = DEFAULT_MAX_ELEMENTS, level: float = 0.01) -> np.ndarray:
+    """Per point n: the share of ``num_draws`` draws z ~ p_n with log q_n(z) below the ``level`` quantile of
+    log q_n at ``num_draws`` draws from q_n itself. About ``level`` when p_n = q_n; near 1 when p_n lands elsewhere."""
+    (n,), width = q.batch_shape, max(q.event_shape.numel(), 1)
+    step = max(1, max_elements // (num_draws * width))
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, n, step):
+            qs, ps = (map_batch(d, lambda t, s=start: t[s : s + step]) for d in (q, p))
+            own = qs.log_prob(qs.sample((num_draws,))).double()
+            threshold = torch.quantile(own, level, dim=0)
+            out.append((qs.log_prob(ps.sample((num_draws,))).double() < threshold).double().mean(0))
+    return torch.cat(out).cpu().numpy()
 
 
 @torch.no_grad()

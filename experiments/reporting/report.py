@@ -55,6 +55,32 @@ COLUMN_HELP: dict[str, tuple[str, str]] = {
                        "recognisable they are"),
 }
 
+# For pairs whose prior is p(z|x) the same columns mean something else: these headers and explanations replace
+# COLUMN_HELP's in the conditional tables (the unconditional identities do not hold there).
+CONDITIONAL_HELP: dict[str, tuple[str, str]] = {
+    "log_lik": ("test log p(y|x) ± SE", "held-out log-likelihood of the hidden quadrants y given the visible x per "
+                "test point, PSIS-smoothed importance sampling with S draws from q(z|x,y); higher is better"),
+    "elbo": ("ELBO", "conditional evidence lower bound per test point"),
+    "mean_kl": ("rate E KL(q(z|x,y)‖p(z|x))", "mean over training points of KL(q(z|x_n,y_n) || p(z|x_n)): nats "
+                "the code spends beyond what the prior network already predicts from x; 0 for a pair whose guide is "
+                "its prior (gsnn)"),
+    "mutual_info": ("I(index; z)", "information z carries about the training index n = (x_n, y_n) under q, "
+                    "E log q(z|x_n,y_n) - log q_agg(z), direct estimate; includes what p(z|x) already knows from x, "
+                    "so it is not the rate; at most log N"),
+    "surgery_residual": ("rate - I - KL(q_agg‖p_agg)", "the residual of the unconditional ELBO-surgery identity; "
+                         "not 0 for an x-conditioned prior, which is why I(index; z) is not rate - KL"),
+    "kl_prior_standard": ("KL(p(z|x)‖N(0,I))", "how far the x-conditioned prior moves from the independent one, "
+                          "mean over test points; 0 for an independent prior"),
+    "kl_prior_guide": ("KL(p(z|x)‖q(z|x,y))", "mean over test points: large where the prior puts mass the guide "
+                       "does not, so predictions (z ~ p(z|x)) decode codes the generation net saw little of"),
+    "conditional_hole_share": ("conditional holes", "share of draws z ~ p(z|x_n) whose log q(z|x_n,y_n) is below "
+                               "the 1st percentile of log q at its own draws, mean over test points: about 0.01 when "
+                               "p(z|x) matches q(z|x,y), near 1 when prediction lands in holes"),
+    "kl_qagg_p": ("KL(q_agg‖p_agg) marginal", "a marginal check: q_agg against p_agg(z) = 1/N sum_n p(z|x_n); it "
+                  "can be 0 while every conditional differs"),
+    "kl_p_qagg": ("KL(p_agg‖q_agg) marginal", "the reverse marginal check"),
+}
+
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f0f0f0}td:first-child{text-align:left}dt{font-weight:bold;margin-top:.4em}
@@ -94,10 +120,16 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
-def table_html(table: pd.DataFrame, columns: list[str]) -> str:
-    """The diagnostics table: ``log_lik`` and ``elbo`` with their SEs, then ``columns`` that exist."""
-    shown = [c for c in columns if c in table.columns]
-    head = "".join(f"<th>{html.escape(COLUMN_HELP.get(c, (c, ''))[0])}</th>" for c in ["variant", *shown])
+def _help(column: str, conditional: bool) -> tuple[str, str]:
+    if conditional and column in CONDITIONAL_HELP:
+        return CONDITIONAL_HELP[column]
+    return COLUMN_HELP.get(column, (column, ""))
+
+
+def table_html(table: pd.DataFrame, columns: list[str], conditional: bool = False) -> str:
+    """One table: the rows of ``table``, the ``columns`` that exist, each with its SE where it has one."""
+    shown = [c for c in columns if c in table.columns and table[c].notna().any()]
+    head = "".join(f"<th>{html.escape(_help(c, conditional)[0])}</th>" for c in ["variant", *shown])
     rows = []
     for _, row in table.iterrows():
         cells = [_fmt(row["variant"])]
@@ -109,10 +141,36 @@ def table_html(table: pd.DataFrame, columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def legend_html(columns: list[str]) -> str:
-    items = [f"<dt>{html.escape(COLUMN_HELP[c][0])}</dt><dd>{html.escape(COLUMN_HELP[c][1])}</dd>"
-             for c in columns if c in COLUMN_HELP]
-    return f"<h3>How to read this table</h3><dl>{''.join(items)}</dl>"
+def legend_html(columns: list[str], conditional: bool = False) -> str:
+    items = [f"<dt>{html.escape(_help(c, conditional)[0])}</dt><dd>{html.escape(_help(c, conditional)[1])}</dd>"
+             for c in dict.fromkeys(columns) if c in COLUMN_HELP or (conditional and c in CONDITIONAL_HELP)]
+    return f"<h3>How to read these tables</h3><dl>{''.join(items)}</dl>"
+
+
+@dataclass
+class TableGroup:
+    """A few columns that answer one question, shown for the unconditional or the conditional pairs."""
+
+    title: str
+    columns: list[str]
+    conditional: bool = False
+
+
+def tables_html(table: pd.DataFrame, groups: list[TableGroup] | list[str]) -> str:
+    """The diagnostics as small tables grouped by question (a table of 18 columns is unreadable), each kind of pair
+    with its own headers and legend."""
+    if groups and isinstance(groups[0], str):  # one plain list of columns: one table
+        return table_html(table, groups) + legend_html(groups)
+    parts = []
+    for conditional in (False, True):
+        rows = table[table["conditional"].astype(bool) == conditional] if "conditional" in table else table
+        kind = [g for g in groups if g.conditional == conditional]
+        if not len(rows) or not kind:
+            continue
+        parts.append(f"<h3>{'Conditional pairs p(y|x)' if conditional else 'Unconditional pairs p(x)'}</h3>")
+        parts += [f"<h4>{html.escape(g.title)}</h4>" + table_html(rows, g.columns, conditional) for g in kind]
+        parts.append(legend_html([c for g in kind for c in g.columns], conditional))
+    return "".join(parts)
 
 
 def findings_html(found: pd.DataFrame) -> str:
@@ -132,7 +190,8 @@ def _anchor(name: str) -> str:
     return "v-" + "".join(c if c.isalnum() else "-" for c in name)
 
 
-def render(title: str, intro: list[str], table: pd.DataFrame, columns: list[str], sections: list[VariantSection],
+def render(title: str, intro: list[str], table: pd.DataFrame, columns: list[str] | list[TableGroup],
+           sections: list[VariantSection],
            comparisons: list[Plot] | None = None, found: pd.DataFrame | None = None) -> str:
     """The whole page as an HTML string: findings first, then a table of contents and the rest."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -145,7 +204,7 @@ def render(title: str, intro: list[str], table: pd.DataFrame, columns: list[str]
                                                        for a, t in toc) + "</ul></nav>")
     parts.append("<h2 id='about'>About this run</h2>")
     parts += [f"<p>{html.escape(line)}</p>" for line in intro]
-    parts += ["<h2 id='diagnostics'>Diagnostics</h2>", table_html(table, columns), legend_html(columns)]
+    parts += ["<h2 id='diagnostics'>Diagnostics</h2>", tables_html(table, columns)]
     if comparisons:
         parts += ["<h2 id='comparison'>Comparison of variants</h2>", *(_figure(plot) for plot in comparisons)]
     for section in sections:
