@@ -103,3 +103,28 @@ def test_overwrite_replaces_the_outputs(diagnosed):
     assert list(table.variant) == ["vae"]
     assert (run_dir / "diagnostics.csv").stat().st_mtime_ns != old
     assert not (run_dir / "diagnostics" / "cvae.nc").exists()  # the directory was replaced, not merged
+
+
+def test_report_renders_in_a_headless_browser_at_1280_px(diagnosed, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium) to render report.html")
+    run_dir, _ = diagnosed
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,4000",
+                    f"--screenshot={shot}", (run_dir / "report.html").as_uri()], capture_output=True, timeout=120,
+                   check=True)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1280, 4000)
+        pixels = image.convert("L").resize((64, 200))
+        assert len(set(pixels.getdata())) > 10  # something was drawn, not a blank page
+    dump = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,4000",
+                           "--virtual-time-budget=2000", "--run-all-compositor-stages-before-draw",
+                           "--dump-dom", (run_dir / "report.html").as_uri()], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert "Findings" in dump.stdout

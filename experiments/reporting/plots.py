@@ -6,7 +6,9 @@ nothing left open after saving. Arrays come in as numpy or torch; images as flat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +17,31 @@ from matplotlib.figure import Figure
 from vae_priors.experiments.files import atomic_path
 
 PRIOR_COLOR, QAGG_COLOR = "tab:gray", "tab:blue"
-DPI = 90
+DPI = 150  # sharp enough to read the tick labels on a laptop screen
 
 
 def _np(a) -> np.ndarray:
     return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
+_LABEL: ContextVar[str] = ContextVar("vae_priors_plot_label", default="")
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Every figure saved inside this block names ``label`` (e.g. "vae on digits") in its top-left corner, so a
+    figure copied out of the report still says what it shows."""
+    token = _LABEL.set(label)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically."""
+    if _LABEL.get():
+        fig.text(0.005, 0.995, _LABEL.get(), ha="left", va="top", fontsize=8, color="#555555")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     fig.clear()
@@ -133,4 +151,27 @@ def compare(draw: Callable, path: str | Path, num_variants: int, title: str, xla
     draw(ax)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)  # ArviZ writes "elpd_loo": this is not leave-one-out
+    return save_figure(fig, path)
+
+
+def learning_curves(history, path: str | Path) -> Path:
+    """Train and validation ELBO per epoch for every variant of a run (``history.csv``)."""
+    names = list(dict.fromkeys(history["variant"]))
+    cols = min(len(names), 3)
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(3.6 * cols, 2.4 * rows + 0.4))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        h = history[history["variant"] == name]
+        ax.plot(h["epoch"], h["train_elbo"], lw=1, label="train")
+        if h["val_elbo"].notna().any():
+            ax.plot(h["epoch"], h["val_elbo"], lw=1, label="validation")
+        low = np.nanpercentile(np.concatenate([h["train_elbo"], h["val_elbo"].dropna()]), 5)
+        ax.set_ylim(low, None)  # the first epochs are far below: show where training ends up
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].set_ylabel("ELBO per point", fontsize=8)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
     return save_figure(fig, path)

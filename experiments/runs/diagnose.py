@@ -305,8 +305,9 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
         bar = tqdm(names, desc="diagnostics", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            row, section, elpd, pairs[name] = diagnose_variant(run_dir, name, config, data, num_particles, work,
-                                                               classifier, generation)
+            with plots.labelled(f"{name} on {data.plain.name} ({run_dir.name})"):
+                row, section, elpd, pairs[name] = diagnose_variant(run_dir, name, config, data, num_particles, work,
+                                                                   classifier, generation)
             rows.append(row), sections.append(section)
             elpds.setdefault(row["target"], {})[name] = elpd
         table = pd.DataFrame(rows)
@@ -320,6 +321,13 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                 continue
             table.loc[table.variant == name, ["amortization_gap", "amortization_gap_se"]] = gap, gap_se
         comparisons = []
+        if (run_dir / "history.csv").is_file():
+            history = pd.read_csv(run_dir / "history.csv")
+            history = history[history.variant.isin(names)]
+            with plots.labelled(f"{data.plain.name} ({run_dir.name})"):
+                comparisons.append(report.Plot("Learning curves", plots.learning_curves(
+                    history, work / "learning-curves.png"), "train and validation ELBO per point and epoch "
+                    "(history.csv); the best validation epoch is the one kept"))
         for target, group in elpds.items():
             if len(group) >= 2:
                 comparison = arviz_adapter.compare(group)
