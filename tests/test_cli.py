@@ -129,3 +129,15 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, conf
 def test_diagnose_on_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
     result = vae_priors("diagnose", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_findings_command_recomputes_the_paired_findings_from_pointwise_files_alone(tiny_run):
+    cwd, _ = tiny_run
+    written = pd.read_csv(cwd / "run" / "findings.csv")
+    (cwd / "run" / "findings.csv").unlink()
+    result = vae_priors("findings", "run", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    again = pd.read_csv(cwd / "run" / "findings.csv")
+    held_out = written[written.measure == "test log-likelihood (IS)"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, held_out)
+    assert "vae is ahead of vae-local-guide" in result.stdout or "no detectable difference" in result.stdout

@@ -5,6 +5,7 @@
     vae-priors list                the registered variants
     vae-priors diagnose RUN_DIR    (re)compute the diagnostics of a run directory
     vae-priors check MODULE:FACTORY  does a pair of yours meet the model/guide contract?
+    vae-priors findings RUN_DIR    paired comparisons of a run's variants, from its per-point results
     vae-priors bench NAME          benchmarks: svi, mixture-prior, diagnostics
 
 This module only parses arguments: each command lives in its own module of this package and is imported when it
@@ -76,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     diag.add_argument("--overwrite", action="store_true", help="replace existing diagnostics outputs")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(func=_command("diagnose", "command_diagnose"))
+    found = sub.add_parser("findings", help="paired findings of a run, from its per-point test results")
+    found.add_argument("run_dir")
+    found.set_defaults(func=_command("findings", "command_findings"))
     check = sub.add_parser("check", help="check that a pair meets the model/guide contract")
     check.add_argument("target", help="MODULE:FACTORY (FACTORY(data, model_config, likelihood) -> Pair) or a variant")
     check.add_argument("--conditional", action="store_true", help="build it on the quadrant task (p(y|x) pairs)")
