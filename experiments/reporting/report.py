@@ -49,6 +49,11 @@ COLUMN_HELP: dict[str, tuple[str, str]] = {
     "fd_q_agg": ("FD q_agg", "the same with z ~ q_agg(z), the exact mixture of training encodings"),
     "fd_gmm": ("FD GMM", "the same with z from a Gaussian mixture fitted to one draw z ~ q(z|x_n) per training point "
                "(Ghosh et al. 2020)"),
+    "gen_log_lik_prior": ("log p(x), z ~ p(z)", "held-out log-likelihood of the decoder with z drawn from the prior "
+                          "(the pair's own model), on 1000 test points with 100 draws from q as the proposal"),
+    "gen_log_lik_q_agg": ("log p(x), z ~ q_agg", "the same generative model with z ~ q_agg instead: higher = "
+                          "generating from q_agg fits held-out data better (the findings give the paired difference)"),
+    "gen_log_lik_gmm": ("log p(x), z ~ GMM", "the same with z from the GMM fitted to the training encodings"),
     "coverage_prior": ("coverage p(z)", "share of classes predicted for at least 1/(2K) of the samples from "
                        "p(z) (1 = all K classes appear)"),
     "max_prob_prior": ("max prob p(z)", "mean largest class probability of the samples from p(z): how "
@@ -86,7 +91,7 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 th{background:#f0f0f0}td:first-child{text-align:left}dt{font-weight:bold;margin-top:.4em}
 img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
 .note{background:#fff8e0;padding:.4em .8em;border-left:3px solid #e0b000}
-table.findings td{text-align:left;vertical-align:top}table.findings{font-size:14px}"""
+table.findings td,table.findings th{text-align:left;vertical-align:top}table.findings{font-size:14px}"""
 
 
 @dataclass
