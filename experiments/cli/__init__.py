@@ -6,6 +6,7 @@
     vae-priors diagnose RUN_DIR    (re)compute the diagnostics of a run directory
     vae-priors check MODULE:FACTORY  does a pair of yours meet the model/guide contract?
     vae-priors findings RUN_DIR    paired comparisons of a run's variants, from its per-point results
+    vae-priors data fetch NAME DIR download a data set (mnist, binarized-mnist) and verify its SHA-256
     vae-priors bench NAME          benchmarks: svi, mixture-prior, diagnostics
 
 This module only parses arguments: each command lives in its own module of this package and is imported when it
@@ -77,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
     diag.add_argument("--overwrite", action="store_true", help="replace existing diagnostics outputs")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(func=_command("diagnose", "command_diagnose"))
+    data = sub.add_parser("data", help="data sets: download and verify")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download a data set's files into DIR, checking their SHA-256")
+    fetch.add_argument("name", help="mnist or binarized-mnist")
+    fetch.add_argument("dir", help="folder to put the files in (then set data.path to it)")
+    fetch.add_argument("--base-url", help="a mirror to download from instead of the original server")
+    fetch.set_defaults(func=_command("data", "command_fetch"))
     found = sub.add_parser("findings", help="paired findings of a run, from its per-point test results")
     found.add_argument("run_dir")
     found.set_defaults(func=_command("findings", "command_findings"))
