@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from vae_priors.experiments.config import DataConfig
+from vae_priors.experiments.data.arrays import load_npz_arrays
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.data.synthetic import load_linear_gaussian
 
@@ -285,6 +286,7 @@ LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "fashion-mnist": _from_directory(lambda d: load_idx_directory(d, "fashion-mnist"), _IDX_EXPECTED),
     "binarized-mnist": _from_directory(load_binarized_mnist, _BINARIZED_EXPECTED),
     "linear-gaussian": load_linear_gaussian,
+    "npz": load_npz_arrays,  # a user's own arrays (experiments/data/arrays.py)
 }
 
 
