@@ -141,3 +141,12 @@ def replicate(objective: nn.Module) -> nn.Module:
     device = next(objective.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=True)
+
+
+def from_main(value: object) -> object:
+    """Rank 0's ``value`` on every rank (a picklable object, e.g. the run directory rank 0 created)."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
