@@ -163,3 +163,26 @@ def test_a_two_process_torchrun_run_matches_the_one_process_run_and_writes_one_d
     pd.testing.assert_frame_equal(single[exact], double[exact])
     for column, tolerance in (("test_elbo", 0.02), ("test_log_lik", 0.02), ("best_elbo", 0.1)):
         assert (single[column] - double[column]).abs().max() < tolerance, column
+
+
+def test_resume_under_torchrun_continues_bit_for_bit(tmp_path):
+    """A 2-process run stopped after epoch 1 of 3 and finished with ``torchrun ... run --resume`` equals an
+    uninterrupted 2-process run: rank 0's RNG states come from the checkpoint, rank 1 reseeds from (seed, rank,
+    epoch). The stop is what one after epoch 1 leaves behind: the epoch-1 checkpoint and no metrics row (made by a
+    1-epoch run whose config.toml then says 3)."""
+    config = TINY.replace('["vae", "vae-local-guide"]', '["vae"]').replace("epochs = 2", "epochs = 3")
+    (tmp_path / "tiny.toml").write_text(config)
+    (tmp_path / "short.toml").write_text(config.replace("epochs = 3", "epochs = 1"))
+    quiet = ("--quiet", "--no-diagnose")
+    for toml, out in (("tiny.toml", "full"), ("short.toml", "stopped")):
+        result = _vae_priors(TORCHRUN, "run", toml, "--out", out, *quiet, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    stopped = tmp_path / "stopped"
+    (stopped / "config.toml").write_text((stopped / "config.toml").read_text().replace("epochs = 1", "epochs = 3"))
+    (stopped / "metrics.csv").unlink(), (stopped / "history.csv").unlink()
+    resumed = _vae_priors(TORCHRUN, "run", "--resume", "stopped", *quiet, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    for name, drop in (("history.csv", ["seconds"]), ("metrics.csv", ["fit_seconds", "eval_seconds"])):
+        full, done = (pd.read_csv(tmp_path / run / name).drop(columns=drop) for run in ("full", "stopped"))
+        pd.testing.assert_frame_equal(done, full, check_exact=True)
+    assert len(pd.read_csv(stopped / "history.csv")) == 3
