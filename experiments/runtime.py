@@ -60,4 +60,5 @@ def provenance(threads: int) -> dict[str, str | int]:
     return {"vae_priors": ours, "git_commit": _git_commit(Path(__file__).resolve().parent),
             "python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__,
             "machine": platform.machine(), "processor": platform.processor() or "unknown",
-            "cores_available": available_cores(), "torch_threads": threads}
+            "cores_available": available_cores(), "torch_threads": threads,
+            "processes": int(os.environ.get("WORLD_SIZE", "1"))}  # torchrun ranks that trained the run

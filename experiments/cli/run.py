@@ -2,6 +2,10 @@
 
 ``vae-priors run --resume RUN_DIR`` finishes a run that was stopped: variants in metrics.csv are kept, a variant
 with a checkpoint continues from it (bit for bit), the rest are trained; the files are those of a fresh run.
+
+Under ``torchrun --nproc_per_node=W`` every rank trains (``training.distributed``: each its shard of every batch);
+rank 0 alone creates the run directory and writes checkpoints, CSVs and the report, then evaluates and diagnoses
+alone while the other ranks wait for it (the evaluation is not sharded over ranks yet).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from vae_priors.experiments.runs.layout import (
     write_pointwise,
 )
 from vae_priors.experiments.runtime import provenance, set_threads
+from vae_priors.experiments.training import distributed
 from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit
 
 
@@ -154,10 +159,31 @@ def _format_table(metrics: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_string(index=False)
 
 
+def _shared_run_dir(args: argparse.Namespace, config: RunConfig, threads: int) -> Path:
+    """A new run directory, created by rank 0 alone; every rank gets its path (or the news that it failed)."""
+    made = None
+    try:
+        if distributed.is_main():
+            made = str(_new_run_dir(args, config, threads))
+    finally:  # rank 0 tells the others even when it failed, so they stop instead of waiting
+        made = distributed.from_main(made)
+    if made is None:
+        raise UsageError("rank 0 could not create the run directory (its message says why)")
+    return Path(made)
+
+
 def command_run(args: argparse.Namespace) -> int:
     resume = Path(args.resume) if args.resume else None
     config = _check(_resume_config(args) if resume else _resolve_config(args), args)
     threads = set_threads(config.threads)
+    distributed.init_from_environment(config.svi.device)  # under torchrun; a no-op for one process
+    try:
+        return _command_run(args, config, resume, threads)
+    finally:
+        distributed.shutdown()
+
+
+def _command_run(args: argparse.Namespace, config: RunConfig, resume: Path | None, threads: int) -> int:
     # Everything that can fail on bad input runs before the run directory exists: data, every pair, checkpoints.
     data = load_run_data(config.data)
     pairs = {name: build_pair(config, data, name) for name in config.variants}
@@ -165,14 +191,28 @@ def command_run(args: argparse.Namespace) -> int:
     for name, (pair, _) in pairs.items():
         if resume and name not in done and _checkpoint(resume, name).is_file():
             check_checkpoint(pair, config.svi, _checkpoint(resume, name))
-    run_dir = resume or _new_run_dir(args, config, threads)
+    run_dir = resume or _shared_run_dir(args, config, threads)
     try:
+        if not distributed.is_main():
+            return _train_only(args, config, run_dir, pairs, done, resume is not None)
         return _train_evaluate_diagnose(args, config, run_dir, pairs, done, done_history, resume is not None)
     except NonFiniteLossError:
         raise  # resuming would meet the same NaN: the message says which setting to change
     except (Exception, KeyboardInterrupt) as err:
         err.run_dir = run_dir  # the boundary in cli/__init__ prints how to finish the run
         raise
+
+
+def _train_only(args: argparse.Namespace, config: RunConfig, run_dir: Path, pairs: dict[str, tuple[Pair, Dataset]],
+                done: dict[str, dict], resume: bool) -> int:
+    """A rank > 0: its part in training each variant; rank 0 evaluates, writes and diagnoses while it waits."""
+    for name in config.variants:
+        if name not in done:
+            checkpoint = _checkpoint(run_dir, name)
+            fit(pairs[name][0], pairs[name][1], config.svi, seed=config.seed, checkpoint=checkpoint,
+                resume=resume and checkpoint.is_file(), name=name, progress=False)
+    distributed.barrier()  # released when rank 0 has written everything
+    return 0
 
 
 def _train_variant(args: argparse.Namespace, config: RunConfig, run_dir: Path, name: str, pair: Pair,
@@ -242,4 +282,5 @@ def _train_evaluate_diagnose(args: argparse.Namespace, config: RunConfig, run_di
         print(f"\nDiagnostics ({run_dir / 'diagnostics.csv'}, report: {run_dir / 'report.html'}):")
         print(format_diagnostics(diagnostics))
     print(f"\nwrote {run_dir}")
+    distributed.barrier()  # the other ranks wait here for the run to be complete
     return 0

@@ -4,7 +4,7 @@ The pair's objective (``ELBO(...)(model, guide)``, an ``nn.Module``) is minimize
 parameters -- never Pyro's global param store, so two variants in one process never share parameters
 (pyro-ppl/pyro#1488, #3209). Each minibatch runs inside ``models.plate.subsample``, so the loss is an
 unbiased estimate of the full-data negative ELBO; it is divided by N once, and every number reported is
-per data point.
+per data point. Under torchrun each process takes its shard of every batch (``distributed``): one run, W ranks.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from vae_priors.experiments.config import RunConfig, SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.files import FileFormatError, StateMismatchError, load_state, load_torch, save_torch
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training import distributed
 from vae_priors.experiments.training.contract import check_pair
 from vae_priors.experiments.training.objectives import kl_weight, make_elbo
 from vae_priors.models.plate import subsample
@@ -70,17 +71,24 @@ def _no_nan_warning() -> Iterator[None]:
 
 @torch.no_grad()
 def mean_elbo(objective: nn.Module, split: Split, batch_size: int = 1024) -> float:
-    """The objective's ELBO estimate per data point on a whole split (one draw per point)."""
+    """The objective's ELBO estimate per data point on a whole split (one draw per point).
+
+    Under a process group each rank estimates its contiguous share of the points and the sums are added up, so
+    every rank returns the same number.
+    """
     was_training = objective.training
     objective.eval()
+    rank, size = distributed.world()
+    points = torch.arange(len(split), device=split.x.device).tensor_split(size)[rank]
     total = 0.0
     try:
-        for start in range(0, len(split), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(split)), device=split.x.device)
+        for index in points.split(batch_size):
             with subsample(index, len(split)), _no_nan_warning():
                 total -= objective(*split.tensors(index)).item() * len(index) / len(split)
     finally:
         objective.train(was_training)
+    if size > 1:
+        total = distributed.sum_over_ranks(torch.tensor(total, dtype=torch.float64)).item()
     return total / len(split)
 
 
@@ -90,18 +98,25 @@ def _beta(config: SVIConfig, epoch: int) -> float:
 
 def svi_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...],
              index: torch.Tensor, num_points: int, *, beta: float = 1.0, clip_norm: float = math.inf,
-             validate: bool = True) -> float:
+             validate: bool = True, replica: nn.Module | None = None, weight: float = 1.0) -> float:
     """One gradient step on the minibatch ``batch`` = the points ``index`` of a data set of ``num_points``.
 
     The objective runs inside ``subsample(index, num_points)``, so it estimates the full-data negative ELBO;
     the loss stepped on is that divided by ``num_points``. Returns it (per point) as a float.
 
     :param validate: run Pyro's validation checks (``pyro.validation_enabled``) during this step.
-    :raises NonFiniteLossError: if the loss is NaN or inf, before the parameters are touched.
+    :param replica: under a process group, the DDP wrapper of ``objective`` (``distributed.replicate``) and
+        ``batch``/``index`` this rank's shard, stepped on with ``weight`` (``distributed.shard``); the value
+        returned is then the global batch's loss per point, the same on every rank.
+    :raises NonFiniteLossError: if the loss is NaN or inf (on any rank), before the parameters are touched.
     """
     with subsample(index, num_points), kl_weight(beta), pyro.validation_enabled(validate), _no_nan_warning():
-        loss = objective(*batch) / num_points
-    value = loss.item()
+        loss = (objective if replica is None else replica)(*batch) / num_points
+    if replica is None:
+        value = loss.item()
+    else:  # one all-reduce: the global loss, and every rank stops together on a NaN
+        value = distributed.sum_over_ranks(loss.detach() * weight / distributed.world()[1]).item()
+        loss = loss * weight
     if not math.isfinite(value):
         raise NonFiniteLossError(f"non-finite loss ({value})")
     optimizer.zero_grad()
@@ -168,7 +183,8 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
         seed = config.seed if seed is None else seed
         config = config.svi
     seed = 0 if seed is None else seed
-    device = torch.device(config.device)
+    device = distributed.device_for(config.device)
+    rank, _ = distributed.world()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("svi.device = \"cuda\" but torch sees no CUDA device; use device = \"cpu\"")
     pyro.set_rng_seed(seed)
@@ -177,6 +193,7 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
     val = data.val.to(device)
     n = len(train)
     objective = pair.objective(make_elbo(config.objective, config.num_particles)).to(device)
+    replica = None if distributed.world()[1] == 1 else distributed.replicate(objective)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, foreach=True)  # CPU default is a per-tensor loop
     monitor = "val_elbo" if getattr(pair.guide, "amortized", True) else "train_elbo"
     state = {"epoch": 0, "best_elbo": -math.inf, "best_epoch": -1, "wait": 0, "best_state": None, "history": []}
@@ -192,9 +209,12 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
     bar = tqdm(range(first_epoch, last_epoch), desc=name or "fit", disable=not show, leave=False)
     for epoch in bar:
         start, beta, train_total = time.perf_counter(), _beta(config, epoch), 0.0
+        if rank > 0:  # its own Monte Carlo noise, the same on a resume (see distributed)
+            pyro.set_rng_seed(distributed.rank_seed(seed, rank, epoch))
         objective.train()
         for step, index in enumerate(torch.randperm(n, generator=shuffle).to(device).split(config.batch_size)):
-            batch = train.tensors(index)
+            mine, weight = distributed.shard(index)
+            batch = train.tensors(mine)
             if data.dynamic_binarization:
                 batch = tuple(torch.bernoulli(t) for t in batch)
             # Pyro's validation (model/guide match, site shapes, distribution arguments) runs on the first
@@ -202,10 +222,10 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
             first = epoch == first_epoch and step == 0
             if first:  # the contract (one "z", the loop's subsampled "data" plate), before any parameter moves
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    check_pair(pair.model, pair.guide, batch, index, n)
+                    check_pair(pair.model, pair.guide, batch, mine, n)
             try:
-                loss = svi_step(objective, optimizer, batch, index, n, beta=beta, clip_norm=config.clip_norm,
-                                validate=first)
+                loss = svi_step(objective, optimizer, batch, mine, n, beta=beta, clip_norm=config.clip_norm,
+                                validate=first, replica=replica, weight=weight)
             except NonFiniteLossError as err:
                 raise _non_finite(str(err), name, epoch, checkpoint) from None
             train_total -= loss * len(index)
@@ -229,7 +249,7 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
         elif beta == 1.0:  # patience counts only once the KL warm-up is over
             state["wait"] += 1
         state["epoch"] = epoch + 1
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:  # one file, written by rank 0 (the others hold the same state)
             save_torch({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(shuffle), "state": state}, checkpoint)
         if state["wait"] >= config.patience:
