@@ -81,3 +81,13 @@ def test_test_split_scores_better_than_noise(digits, tmp_path):
     noise = score_samples(net, torch.rand(180, digits.x_dim), digits.test.x)
     assert real.frechet < noise.frechet
     assert real.coverage == 1.0 and real.max_prob > noise.max_prob
+    assert noise.frechet - real.frechet > 5 * (real.frechet_se**2 + noise.frechet_se**2) ** 0.5
+
+
+def test_frechet_standard_error_shrinks_with_more_samples_like_one_over_root_n(digits, tmp_path):
+    net, _ = load_or_train_classifier(digits.train, tmp_path, "digits")
+    few = score_samples(net, digits.train.x[:150], digits.test.x, bootstrap=100)
+    many = score_samples(net, digits.train.x[:1200], digits.test.x, bootstrap=100)
+    assert few.frechet_se > 0 and many.frechet_se > 0
+    assert 1.5 < few.frechet_se / many.frechet_se < 5.5  # sqrt(8) = 2.8, with bootstrap noise
+    assert few.max_prob_se > many.max_prob_se

@@ -122,6 +122,8 @@ class SampleScores:
     frechet: float
     max_prob: float
     coverage: float
+    frechet_se: float = float("nan")  # bootstrap over the generated samples (the reference split held fixed)
+    max_prob_se: float = float("nan")  # standard error over samples
 
 
 def class_coverage(predicted: torch.Tensor, num_classes: int) -> float:
@@ -131,10 +133,23 @@ def class_coverage(predicted: torch.Tensor, num_classes: int) -> float:
 
 
 @torch.no_grad()
-def score_samples(classifier: FeatureClassifier, samples: torch.Tensor, reference: torch.Tensor) -> SampleScores:
+def score_samples(classifier: FeatureClassifier, samples: torch.Tensor, reference: torch.Tensor,
+                  bootstrap: int = 50, seed: int = 0) -> SampleScores:
     """Frechet distance to ``reference`` (the test split) in the classifier's features, mean max probability and
-    class coverage of ``samples`` (num, x_dim)."""
+    class coverage of ``samples`` (num, x_dim).
+
+    The FD's standard error is the spread of the FD over ``bootstrap`` resamples (with replacement) of the samples:
+    it says how much the number would move with another set of draws from the same source, so "FD 1.9 vs 2.9" can
+    be read. (FD is biased upward for few samples, and the bias also depends on the number of samples.)
+    """
     probs = classifier(samples).softmax(dim=-1)
-    fd = frechet_distance(*_moments(classifier.features(samples)), *_moments(classifier.features(reference)))
-    return SampleScores(fd, float(probs.max(dim=-1).values.mean()),
-                        class_coverage(probs.argmax(dim=-1), classifier.num_classes))
+    features = classifier.features(samples).double().cpu().numpy()
+    ref = _moments(classifier.features(reference))
+    fd = frechet_distance(features.mean(0), np.cov(features, rowvar=False), *ref)
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(features), len(features)) for _ in range(bootstrap)]
+    boot = [frechet_distance(features[i].mean(0), np.cov(features[i], rowvar=False), *ref) for i in draws]
+    top = probs.max(dim=-1).values.double()
+    return SampleScores(fd, float(top.mean()), class_coverage(probs.argmax(dim=-1), classifier.num_classes),
+                        frechet_se=float(np.std(boot, ddof=1)) if bootstrap > 1 else float("nan"),
+                        max_prob_se=float(top.std() / len(top) ** 0.5) if len(top) > 1 else float("nan"))

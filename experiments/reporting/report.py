@@ -45,7 +45,8 @@ COLUMN_HELP: dict[str, tuple[str, str]] = {
     "amortization_gap": ("amortization gap", "ELBO of a per-point Gaussian guide fitted to the test points with "
                          "this pair's decoder frozen minus the encoder's ELBO, same points (Cremer et al. 2018)"),
     "fd_prior": ("FD p(z)", "Frechet distance, in a data-set classifier's features, between draws x ~ p(x|z), "
-                 "z ~ p(z) and the test split; lower = closer to the data"),
+                 "z ~ p(z) and the test split; lower = closer to the data; ± the bootstrap standard error over "
+                 "the samples"),
     "fd_q_agg": ("FD q_agg", "the same with z ~ q_agg(z), the exact mixture of training encodings"),
     "fd_gmm": ("FD GMM", "the same with z from a Gaussian mixture fitted to one draw z ~ q(z|x_n) per training point "
                "(Ghosh et al. 2020)"),

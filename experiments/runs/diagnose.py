@@ -141,7 +141,8 @@ def _generation(pair, guide, dataset: Dataset, work: Path, name: str, classifier
     if classifier is not None:
         for source, out in decoded.items():
             scores = score_samples(classifier, out.draw, dataset.test.x)
-            row |= {f"fd_{source}": scores.frechet, f"max_prob_{source}": scores.max_prob,
+            row |= {f"fd_{source}": scores.frechet, f"fd_{source}_se": scores.frechet_se,
+                    f"max_prob_{source}": scores.max_prob, f"max_prob_{source}_se": scores.max_prob_se,
                     f"coverage_{source}": scores.coverage}
     if dataset.image_shape is None:
         return []
