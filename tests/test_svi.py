@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pyro
 import pytest
 import torch
@@ -175,3 +176,16 @@ def test_reported_train_elbo_is_per_point_over_the_full_set(ppca, ppca_x):
     result = fit(Pair(model, guide), data, SVIConfig(epochs=1, batch_size=16, lr=0.0))
     assert result.history.train_elbo[0] == pytest.approx(ppca.log_marginal(ppca_x).mean().item(), rel=1e-5)
     assert result.history.val_elbo[0] == pytest.approx(ppca.log_marginal(ppca_x[:20]).mean().item(), rel=1e-5)
+
+
+def test_the_same_seed_gives_identical_training_and_another_seed_does_not(digits300, small_model_config):
+    def train(seed: int):
+        pyro.set_rng_seed(seed)
+        pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
+        result = fit(pair, digits300, SVIConfig(epochs=2, batch_size=100), seed=seed, progress=False)
+        return result.history.drop(columns="seconds"), [p.detach().clone() for p in pair.guide.parameters()]
+
+    (h1, p1), (h2, p2), (h3, _) = train(0), train(0), train(1)
+    pd.testing.assert_frame_equal(h1, h2)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    assert not h1.train_elbo.equals(h3.train_elbo)
