@@ -88,6 +88,10 @@ def test_decode_returns_the_likelihood_mean_at_the_given_z(digits):
     decoded = decode(pair.model, z, (torch.zeros(7, digits.x_dim),))
     assert torch.allclose(decoded.mean, torch.sigmoid(pair.model.decoder(z)))
     assert decoded.draw.shape == (7, digits.x_dim) and set(decoded.draw.unique().tolist()) <= {0.0, 1.0}
+    without_inputs = decode(pair.model, z, x_dim=digits.x_dim)  # no dummy x needed
+    assert torch.equal(without_inputs.mean, decoded.mean) and torch.equal(without_inputs.draw, decoded.draw)
+    with pytest.raises(ValueError, match="x_dim"):
+        decode(pair.model, z)
 
 
 def test_generate_gives_every_source_the_requested_shape(digits):

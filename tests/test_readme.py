@@ -54,6 +54,7 @@ def test_readme_api_blocks_train_diagnose_generate_and_load_a_run(tmp_path):
     assert namespace["points"].khat.shape == (100,)
     assert set(namespace["images"]) == {"prior", "q_agg", "gmm"}
     assert namespace["images"]["q_agg"].mean.shape == (16, namespace["dataset"].x_dim)
+    assert namespace["decoded"].mean.shape == (4, namespace["dataset"].x_dim)
     run = subprocess.run([sys.executable, "-m", "vae_priors.experiments.cli", "run", "--variants", "vae", "--epochs",
                           "2", "--particles", "10", "--no-diagnose", "--quiet", "--out", "run"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)

@@ -68,12 +68,19 @@ class Decoded:
 
 
 @torch.no_grad()
-def decode(model: nn.Module, z: torch.Tensor, args: tuple[torch.Tensor, ...], seed: int = 0) -> Decoded:
+def decode(model: nn.Module, z: torch.Tensor, args: tuple[torch.Tensor, ...] | None = None, seed: int = 0,
+           x_dim: int | None = None) -> Decoded:
     """Run ``model(*args)`` with ``"z"`` conditioned on ``z`` (num, latent_dim) and read its observed site.
 
-    ``args`` are the model's arguments for ``num`` points: ``(x,)`` (only its shape matters for an
-    unconditional model) or ``(x, None)`` for a conditional one.
+    ``args`` are the model's arguments for ``num`` points: ``(x,)`` or ``(x, None)`` for a conditional pair (x is
+    what p(y|x,z) conditions on). An unconditional model does not read x when z is given, so it needs no ``args``:
+    pass the data width ``x_dim`` instead (``decode(model, z, x_dim=784)``).
     """
+    if args is None:
+        if x_dim is None:
+            raise ValueError("decode needs the model's arguments args=(x,) / (x, None), or x_dim for an "
+                             "unconditional model")
+        args = (torch.zeros(z.shape[0], x_dim, device=z.device),)  # only its shape is read: obs is not used
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         trace = poutine.trace(poutine.condition(model, data={"z": z})).get_trace(*args)
