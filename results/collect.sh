@@ -13,5 +13,11 @@ mkdir -p "$dest"
 for f in config.toml provenance.toml metrics.csv history.csv findings.csv diagnostics.csv; do
   if [ -f "$1/$f" ]; then cp "$1/$f" "$dest/$f"; fi
 done
-if [ -f "$1/diagnostics/learning-curves.png" ]; then cp "$1/diagnostics/learning-curves.png" "$dest/"; fi
+if [ -f "$1/diagnostics/learning-curves.png" ]; then
+  cp "$1/diagnostics/learning-curves.png" "$dest/"
+elif [ -f "$1/history.csv" ]; then  # not diagnosed: draw them from history.csv (python: the venv with vae_priors)
+  python -c "import sys, pandas as pd; from vae_priors.experiments.reporting import plots
+with plots.labelled(sys.argv[3]): plots.learning_curves(pd.read_csv(sys.argv[1]), sys.argv[2])" \
+    "$1/history.csv" "$dest/learning-curves.png" "$2 ($(basename "$1"))"
+fi
 echo "collected $1 into $dest: $(ls "$dest" | tr '\n' ' ')"
