@@ -185,8 +185,11 @@ def test_resume_refuses_settings_that_would_change_the_run_and_directories_that_
 
 def start_and_stop_after_first_checkpoint(workdir: Path, out: str, sig: signal.Signals) -> subprocess.Popen:
     """Start a real run and send ``sig`` as soon as its first variant has written a checkpoint."""
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that (CI run
+    # with `&`): give the run the disposition a terminal's Ctrl-C meets, so Python installs its handler.
     process = subprocess.Popen(command("run", "tiny.toml", "--out", out, "--threads", "1", "--quiet"), cwd=workdir,
-                               env=environment(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=environment(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = workdir / out / "checkpoints" / "vae.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
