@@ -9,7 +9,9 @@ values with ``likelihood = "bernoulli"``, anything finite with ``likelihood = "g
 
 from __future__ import annotations
 
+import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,31 @@ from vae_priors.experiments.data.datasets import Dataset, Split
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 
 
-def _labels(archive, name: str, rows: int, path: Path) -> torch.Tensor | None:
+def read_npz(path: Path, required: list[str], hint: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, which must hold ``required``; an empty, truncated or non-npz file,
+    or a missing array, is one ``ValueError`` naming the file and ``hint`` (what the archive should hold)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [name for name in required if name not in archive.files]
+            if missing:
+                raise ValueError(f"{path} has arrays {sorted(archive.files)} but lacks {missing}; {hint}")
+            return {name: archive[name] for name in archive.files}
+    except PermissionError:
+        raise  # the CLI names the file and the fix
+    except (EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, OSError) as err:
+        state = "empty" if path.stat().st_size == 0 else f"truncated or not an .npz archive ({type(err).__name__})"
+        raise ValueError(f"{path} is {state}; copy or download the file again ({hint})") from None
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise  # our own message above
+        raise ValueError(f"{path} is not a numpy .npz archive ({err}); copy or download the file again") from None
+
+
+def _labels(arrays: dict[str, np.ndarray], name: str, rows: int, path: Path) -> torch.Tensor | None:
     key = f"{name}_labels"
-    if key not in archive.files:
+    if key not in arrays:
         return None
-    labels = np.asarray(archive[key])
+    labels = np.asarray(arrays[key])
     if labels.shape != (rows,) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
         raise ValueError(f"{path}: {key} must be {rows} non-negative integers (one class per row), got shape "
                          f"{labels.shape} and dtype {labels.dtype}")
@@ -41,19 +63,10 @@ def load_npz_arrays(cfg: DataConfig) -> Dataset:
     if not path.is_file():
         raise FileNotFoundError(f"data.path = {cfg.path!r} is not a file; for data.name = \"npz\" it names an .npz "
                                 "archive with arrays train, valid and test")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [a for a in SPLITS.values() if a not in archive.files]
-            if missing:
-                raise ValueError(f"{path} has arrays {sorted(archive.files)} but lacks {missing}; save your data "
-                                 "with numpy.savez(path, train=..., valid=..., test=...)")
-            arrays = {split: np.asarray(archive[name], dtype=np.float32) for split, name in SPLITS.items()}
-            labels = {split: _labels(archive, name, len(arrays[split]), path) for split, name in SPLITS.items()}
-    except (EOFError, zipfile.BadZipFile, OSError) as err:
-        if isinstance(err, PermissionError):
-            raise
-        raise ValueError(f"{path} is empty, truncated or not an .npz archive ({type(err).__name__}); write it with "
-                         "numpy.savez") from None
+    archive = read_npz(path, list(SPLITS.values()), "save your data with numpy.savez(path, train=..., valid=..., "
+                       "test=...)")
+    arrays = {split: np.asarray(archive[name], dtype=np.float32) for split, name in SPLITS.items()}
+    labels = {split: _labels(archive, name, len(arrays[split]), path) for split, name in SPLITS.items()}
     shapes = {a.shape[1:] for a in arrays.values()}
     if len(shapes) != 1 or any(a.ndim not in (2, 3) for a in arrays.values()):
         raise ValueError(f"{path}: train, valid and test must be (N, D) or (N, H, W) with the same trailing shape, "

@@ -19,8 +19,6 @@ truncated, wrong magic number, wrong shape, NaN/inf, values that are not what th
 from __future__ import annotations
 
 import gzip
-import pickle
-import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 
 from vae_priors.experiments.config import DataConfig
-from vae_priors.experiments.data.arrays import load_npz_arrays
+from vae_priors.experiments.data.arrays import load_npz_arrays, read_npz
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.data.synthetic import load_linear_gaussian
 
@@ -202,24 +200,10 @@ def _read_mat(path: Path) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The three arrays of ``binarized_mnist.npz``; an empty, truncated or non-npz file is a ``ValueError``."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [name for name in BINARIZED_SPLITS.values() if name not in archive.files]
-            if missing:
-                raise ValueError(f"{path} has arrays {sorted(archive.files)} but lacks {missing}; binarized MNIST "
-                                 f"needs arrays {list(BINARIZED_SPLITS.values())}")
-            return {split: archive[name] for split, name in BINARIZED_SPLITS.items()}
-    except PermissionError:
-        raise  # the CLI names the file and the fix
-    except (EOFError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, OSError) as err:
-        state = "empty" if path.stat().st_size == 0 else f"truncated or not an .npz archive ({type(err).__name__})"
-        raise ValueError(f"{path} is {state}; copy or download the file again (an .npz written by numpy.savez "
-                         f"with arrays {list(BINARIZED_SPLITS.values())})") from None
-    except ValueError as err:
-        if str(err).startswith(str(path)):
-            raise  # our own message above
-        raise ValueError(f"{path} is not a numpy .npz archive ({err}); copy or download the file again") from None
+    """The three arrays of ``binarized_mnist.npz``, by split; a damaged file or a missing array is a ``ValueError``."""
+    names = list(BINARIZED_SPLITS.values())
+    arrays = read_npz(path, names, f"binarized MNIST is an .npz written by numpy.savez with arrays {names}")
+    return {split: arrays[name] for split, name in BINARIZED_SPLITS.items()}
 
 
 def _check_binary(array: np.ndarray, where: str) -> np.ndarray:
