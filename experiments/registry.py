@@ -227,20 +227,14 @@ def import_pairs(modules: Iterable[str] = ()) -> list[str]:
 
 def _import_user_module(name: str) -> bool:
     """Import ``name``; False if the module itself (not something it imports) is not found."""
-    top = name.split(".")[0]
-    try:
-        importlib.import_module(name)
-        return True
-    except ModuleNotFoundError as err:
-        if err.name != top or os.getcwd() in sys.path:
-            if err.name == top:
+    for retry in (False, True):
+        try:
+            importlib.import_module(name)
+            return True
+        except ModuleNotFoundError as err:
+            if err.name != name.split(".")[0]:
+                raise  # the user's module was found; something it imports is missing
+            if retry or os.getcwd() in sys.path:
                 return False
-            raise
-    sys.path.append(os.getcwd())  # appended: the user's folder never shadows an installed package
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == top:
-            return False
-        raise
-    return True
+            sys.path.append(os.getcwd())  # appended: the user's folder never shadows an installed package
+    return False

@@ -84,7 +84,7 @@ def prior_components(model: nn.Module, guide: nn.Module, args: tuple[torch.Tenso
     return _site_distribution(guide, args, batch_size, model)
 
 
-def _is_diagonal_normal(d: Distribution) -> bool:
+def is_diagonal_normal(d: Distribution) -> bool:
     return isinstance(d, Independent) and isinstance(d.base_dist, Normal) and d.reinterpreted_batch_ndims == 1
 
 
@@ -100,7 +100,7 @@ def log_q_agg(z: torch.Tensor, components: Distribution, chunk_elements: int = 2
     (n,) = components.batch_shape
     comps = map_batch(components, lambda t: t.double())
     z = z.double().to(batch_tensors(comps)[0].device)
-    diag = _is_diagonal_normal(comps)
+    diag = is_diagonal_normal(comps)
     width = 1 if diag else z.shape[1]
     step_n = max(1, min(n, chunk_elements // width))
     step_m = max(1, chunk_elements // (step_n * width))

@@ -18,19 +18,24 @@ import pyro
 import torch
 
 from vae_priors.experiments.data.datasets import Split
-from vae_priors.experiments.diagnostics.aggregate import posterior_components
+from vae_priors.experiments.diagnostics.aggregate import is_diagonal_normal, posterior_components
 from vae_priors.experiments.evaluation.importance import fit_guide_frozen_model
 from vae_priors.experiments.evaluation.log_weights import log_weights
 from vae_priors.experiments.registry import Pair
 from vae_priors.guides.local_normal import LocalNormalGuide
 
 
+class NotDiagonalGaussianGuide(ValueError):
+    """The guide's q(z|x) is not a diagonal Gaussian, so there is no per-point Gaussian of the same family."""
+
+
 def fit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed: int = 0) -> LocalNormalGuide:
     """A per-point diagonal Gaussian for each point of ``split``, initialized at the pair's q(z|x_n) and fitted
     by maximizing the ELBO with the model's parameters frozen."""
     q = posterior_components(pair.guide, split.tensors())
-    if not hasattr(q, "base_dist") or not isinstance(q.base_dist, torch.distributions.Normal):
-        raise ValueError(f"the amortization gap needs a diagonal-Gaussian guide; this one gives {type(q).__name__}")
+    if not is_diagonal_normal(q):  # a TransformedDistribution also has a base_dist: check the family itself
+        raise NotDiagonalGaussianGuide(f"the amortization gap needs a diagonal-Gaussian guide; this one gives "
+                                       f"{type(q).__name__}")
     local = LocalNormalGuide(len(split), q.event_shape[-1])
     with torch.no_grad():
         local.loc.copy_(q.base_dist.loc)

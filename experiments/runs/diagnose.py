@@ -34,7 +34,7 @@ from vae_priors.experiments.diagnostics.aggregate import (
     prior_components,
     sample_q_agg,
 )
-from vae_priors.experiments.diagnostics.amortization import amortization_gap
+from vae_priors.experiments.diagnostics.amortization import NotDiagonalGaussianGuide, amortization_gap
 from vae_priors.experiments.diagnostics.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
 from vae_priors.experiments.diagnostics.latent_sources import source_log_likelihoods
 from vae_priors.experiments.diagnostics.point import inference_arrays, point_diagnostics
@@ -318,7 +318,7 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
             try:
                 gap, gap_se = amortization_gap(pair, data.plain.test.subset(slice(0, GAP_POINTS)),
                                                config.eval.local_refit_steps, num_particles, config.seed)
-            except ValueError:  # not a diagonal-Gaussian guide: no per-point Gaussian to compare with
+            except NotDiagonalGaussianGuide:  # no per-point Gaussian of the guide's family to compare with
                 continue
             table.loc[table.variant == name, ["amortization_gap", "amortization_gap_se"]] = gap, gap_se
         comparisons = []
@@ -341,8 +341,7 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))
         intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
-        found = pd.concat([write_findings(run_dir, read_pointwise(run_dir, names)), *generation], ignore_index=True)
-        write_csv(run_dir / "findings.csv", found)
+        found = write_findings(run_dir, read_pointwise(run_dir, names), *generation)
         page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons, found)
         _publish(work, run_dir / "diagnostics")
         write_csv(run_dir / "diagnostics.csv", table)

@@ -149,8 +149,11 @@ def read_pointwise(run_dir: str | Path, variants: list[str]) -> dict[str, pd.Dat
             if pointwise_path(run_dir, name).is_file()}
 
 
-def write_findings(run_dir: str | Path, pointwise: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """``findings.csv``: the paired comparisons (``evaluation.comparisons``) of the held-out log-likelihoods."""
+def write_findings(run_dir: str | Path, pointwise: dict[str, pd.DataFrame], *more: pd.DataFrame) -> pd.DataFrame:
+    """``findings.csv``: the paired comparisons (``evaluation.comparisons``) of the held-out log-likelihoods, then
+    ``more`` findings (the diagnostics' generation findings)."""
     frame = findings({name: table["log_lik"].to_numpy() for name, table in pointwise.items()})
+    if more:
+        frame = pd.concat([frame, *more], ignore_index=True)
     write_csv(Path(run_dir) / "findings.csv", frame)
     return frame
