@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
+from test_cli import TINY as CLI_TINY
 from torch import nn
 
 from vae_priors.experiments.config import SVIConfig
@@ -111,21 +112,7 @@ def test_two_process_steps_equal_one_process_steps_on_the_global_batch(tmp_path)
                                       expected.history.drop(columns="seconds"), rtol=1e-6)
 
 
-TINY = """
-seed = 1
-variants = ["vae", "vae-local-guide"]
-[data]
-max_train = 150
-[model]
-latent_dim = 2
-hidden = [16]
-[svi]
-epochs = 2
-batch_size = 50
-[eval]
-num_particles = 20
-local_refit_steps = 5
-"""
+TINY = CLI_TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-local-guide"]')
 
 
 def _vae_priors(launcher: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
