@@ -60,11 +60,8 @@ SOURCES: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def array_sha256(path: Path) -> str:

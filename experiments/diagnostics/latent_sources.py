@@ -6,7 +6,7 @@ log-likelihood is estimated by importance sampling with the pair's own guide as 
     log p_s(x_n) ≈ log 1/S sum_k p(x_n|z_k) s(z_k) / q(z_k|x_n),     z_k ~ q(z|x_n)
 
 for s = p(z) (the pair's own prior: its test log p(x)), s = q_agg (the exact N-component mixture of the training
-encodings, Hoffman & Johnson 2016) and s = a GMM fitted to the training means (Ghosh et al. 2020). The three
+encodings, Hoffman & Johnson 2016) and s = a GMM fitted to the training encodings (Ghosh et al. 2020). The three
 estimates share the same draws and test points, so they are compared per point (``evaluation.comparisons``).
 Unlike the classifier-based sample scores this needs no labels, so it answers "generate from p(z) or from
 q_agg?" on binarized MNIST too. q_agg excludes the test points, so it cannot win by memorizing them.
