@@ -124,6 +124,15 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+def variant_names(text: str) -> list[str]:
+    """The names in a ``--variants a,b`` argument; naming none (``--variants ,``) is an error, not "all"."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise UsageError(f"--variants {text!r} names no variant; pass comma-separated names (see `vae-priors list`), "
+                         "or leave --variants out for all of them")
+    return names
+
+
 def describe(err: BaseException) -> tuple[str, int]:
     """One line saying what failed, the file or setting involved and the fix, and the exit status."""
     message, status = _classify(err)

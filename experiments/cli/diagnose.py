@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vae_priors.experiments.cli import UsageError, variant_names
+
 SUMMARY_COLUMNS = {"log_lik": "log-lik", "elbo": "ELBO", "mean_kl": "mean KL", "mutual_info": "I(x;z)",
                    "kl_qagg_p": "KL(qagg|p)", "kl_p_qagg": "KL(p|qagg)", "prior_hole_share": "holes",
                    "active_units": "active", "khat_above": "khat>thr", "fd_prior": "FD p(z)",
@@ -24,15 +26,9 @@ def command_diagnose(args: argparse.Namespace) -> int:
     from vae_priors.experiments.runs.diagnose import diagnose_run
 
     if args.particles is not None and args.particles <= 0:
-        from vae_priors.experiments.cli import UsageError
-
         raise UsageError(f"--particles must be > 0 (importance draws per test point), got {args.particles}")
     progress = not args.quiet and sys.stderr.isatty()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    if args.variants is not None and not variants:
-        from vae_priors.experiments.cli import UsageError
-
-        raise UsageError("--variants names no variant; give comma-separated names, e.g. --variants vae,vae-vamp")
+    variants = None if args.variants is None else variant_names(args.variants)
     table = diagnose_run(args.run_dir, num_particles=args.particles, variants=variants, imports=args.imports,
                          overwrite=args.overwrite, progress=progress)
     print(format_diagnostics(table))

@@ -24,7 +24,7 @@ import tomli_w
 import torch
 
 from vae_priors.experiments import config as configs
-from vae_priors.experiments.cli import UsageError
+from vae_priors.experiments.cli import UsageError, variant_names
 from vae_priors.experiments.config import RunConfig
 from vae_priors.experiments.data.datasets import Dataset
 from vae_priors.experiments.evaluation.importance import evaluate
@@ -56,10 +56,7 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     config.imports = list(dict.fromkeys([*config.imports, *args.imports]))  # recorded in the run's config.toml
     import_pairs(config.imports)  # before "all variants" is resolved: the user's pairs are part of it
     if args.variants is not None:
-        config.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        if not config.variants:
-            raise UsageError(f"--variants {args.variants!r} names no variant; pass comma-separated names (see "
-                             "`vae-priors list`), or leave --variants out to run them all")
+        config.variants = variant_names(args.variants)
     if not config.variants:
         config.variants = list(VARIANTS)
     return config
