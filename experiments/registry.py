@@ -34,8 +34,9 @@ from vae_priors.guides.constant_normal import ConstantNormalGuide
 from vae_priors.guides.local_normal import LocalNormalGuide
 from vae_priors.models.cvae import ConditionalVAE
 from vae_priors.models.decoders import ConditionalMLPDecoder, MLPDecoder
+from vae_priors.models.exemplar_prior import ExemplarPrior
 from vae_priors.models.likelihoods import make_likelihood
-from vae_priors.models.mixture_priors import ExemplarPrior, VampPrior
+from vae_priors.models.mixture_priors import VampPrior
 from vae_priors.models.priors import ConditionalNormalPrior, StandardNormalPrior
 from vae_priors.models.vae import VAE
 

@@ -4,9 +4,9 @@
 (``models/mixture_priors.py``); ``HeadTailMixture`` is the scalable exemplar prior's per-step estimate of one.
 Both are ``MixtureSameFamily`` subclasses whose ``log_prob`` never forms a points x K x latent tensor: the
 (points x K) log-density matrix comes from the Gaussian quadratic expansion
-sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2 (two matrix products), in chunks of
-at most ``max_elements`` entries. The expansion loses float32 precision when |z|, |m| >> s (about eps * m^2/s^2
-nats); the tests bound it against float64.
+sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2 (one matrix product,
+``LinearForm``), in chunks of at most ``max_elements`` entries. The expansion loses float32 precision when
+|z|, |m| >> s (about eps * m^2/s^2 nats); the tests bound it against float64.
 """
 
 from __future__ import annotations
@@ -19,14 +19,46 @@ import torch
 DEFAULT_MAX_ELEMENTS = 2**22  # entries of one (queries x components) chunk: 16 MB of float32
 
 
+class LinearForm:
+    """log N(z; loc_k, diag scale_k^2) for K components as one matrix product per chunk of queries:
+    ``features(z) @ weight + bias`` ((Q, K)) plus ``row(z)`` ((Q,)), the quadratic expansion
+    sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2.
+
+    With one scale shared by every component and dimension (the exemplar prior's ``variance="shared"``, an
+    expanded scalar) the z^2 term leaves the matrix: features are z alone, half the product. ``extra`` (K,) is
+    added to the bias (mixture log-weights shared by every query), so a chunk costs one ``addmm`` and a
+    ``logsumexp``.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, extra: torch.Tensor | None = None):
+        loc, d = loc.to(dtype), loc.shape[-1]
+        self.isotropic = scale.dim() == 2 and scale.stride() == (0, 0)
+        if self.isotropic:
+            s = scale[0, 0].to(dtype)
+            self.inv_var = s.pow(-2)
+            self.weight = (loc * self.inv_var).T
+            bias = -0.5 * loc.pow(2).sum(-1) * self.inv_var - d * (s.log() + 0.5 * math.log(2 * math.pi))
+        else:
+            precision = scale.to(dtype).pow(-2)
+            self.weight = torch.cat([-0.5 * precision, loc * precision], -1).T
+            bias = (-0.5 * (loc * loc * precision).sum(-1) - scale.to(dtype).log().sum(-1)
+                    - 0.5 * d * math.log(2 * math.pi))
+        self.bias = bias if extra is None else bias + extra.to(dtype)
+        self.dtype = dtype
+
+    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((Q, K) matrix, (Q,) row term) whose sum (broadcast over K) is the log-density matrix."""
+        z = z.to(self.dtype)
+        if self.isotropic:
+            return torch.addmm(self.bias, z, self.weight), -0.5 * z.pow(2).sum(-1) * self.inv_var
+        return torch.addmm(self.bias, torch.cat([z * z, z], -1), self.weight), z.new_zeros(z.shape[0])
+
+
 def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(z_q; loc_k, diag scale_k^2) for every query q (Q, D) and component k (K, D): shape (Q, K)."""
     dtype = torch.promote_types(z.dtype, loc.dtype)  # float64 queries (diagnostics) against float32 encodings
-    z, loc, scale = z.to(dtype), loc.to(dtype), scale.to(dtype)
-    precision = scale.pow(-2)
-    quad = (z * z) @ precision.T - 2.0 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)
-    log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-    return -0.5 * quad.clamp_min(0.0) - log_norm
+    matrix, row = LinearForm(loc, scale, dtype).scores(z)
+    return matrix + row[:, None]
 
 
 class GaussianMixture(dist.MixtureSameFamily):
@@ -67,12 +99,17 @@ class GaussianMixture(dist.MixtureSameFamily):
         if shape[-1] != num_points and num_points != 1:
             raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
         log_w = self.point_logits - self.point_logits.logsumexp(-1, keepdim=True)
+        shared = num_points == 1 or self.point_logits.stride(0) == 0  # one row of weights: into the bias
+        dtype = torch.promote_types(queries.dtype, self.loc.dtype)
+        form = LinearForm(self.loc, self.scale, dtype, log_w[0] if shared else None)
         step = max(1, self.max_elements // num_components)
         out = []
         for start in range(0, queries.shape[0], step):
             rows = torch.arange(start, min(start + step, queries.shape[0]), device=queries.device)
-            dens = gaussian_log_density_matrix(queries[rows], self.loc, self.scale)
-            out.append((dens + log_w[rows % num_points]).logsumexp(-1))  # last batch dim varies fastest
+            matrix, row = form.scores(queries[rows])
+            if not shared:
+                matrix = matrix + log_w[rows % num_points]  # last batch dim varies fastest
+            out.append(matrix.logsumexp(-1) + row)
         return torch.cat(out).reshape(shape)
 
     def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:

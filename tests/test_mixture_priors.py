@@ -18,8 +18,9 @@ from vae_priors.experiments.evaluation.log_weights import log_weights
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.training.svi import fit, mean_elbo
 from vae_priors.guides.amortized_normal import AmortizedNormalGuide
+from vae_priors.models.exemplar_prior import ExemplarPrior
 from vae_priors.models.mixture_distributions import GaussianMixture, HeadTailMixture
-from vae_priors.models.mixture_priors import ExemplarPrior, VampPrior
+from vae_priors.models.mixture_priors import VampPrior
 
 
 class LinearEncoder(nn.Module):
@@ -70,6 +71,21 @@ def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol):
     torch.testing.assert_close(mixture.expand((s, b)).log_prob(z), got)
 
 
+@pytest.mark.parametrize("shared_weights", [False, True])
+def test_gaussian_mixture_with_one_shared_scale_equals_float64_brute_force(shared_weights):
+    """The isotropic shortcut (an expanded scalar scale: the exemplar prior's shared variance), with per-point or
+    shared mixture weights (folded into the bias), against the explicit sum in float64."""
+    gen = torch.Generator().manual_seed(2)
+    b, k, d = 4, 9, 3
+    logits = torch.randn(1 if shared_weights else b, k, generator=gen, dtype=torch.float64).expand(b, k)
+    loc = 2 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    scale = torch.tensor(0.7, dtype=torch.float64).expand(k, d)
+    z = 2 * torch.randn(b, d, generator=gen, dtype=torch.float64)
+    got = GaussianMixture(logits, loc, scale, max_elements=2 * k).log_prob(z)
+    expected = brute_force_mixture(z, logits.log_softmax(-1), loc, scale.contiguous())
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
+
+
 def test_head_tail_mixture_log_prob_equals_float64_brute_force_over_per_point_components():
     gen = torch.Generator().manual_seed(1)
     b, k, m, d, s = 3, 2, 5, 3, 4
@@ -112,12 +128,13 @@ def test_exemplar_prior_leaves_own_component_out_in_training_and_keeps_it_at_eva
     z = x[index]  # at its own exemplar, point n's own component dominates the full mixture
     scale = torch.full_like(x, 0.5)
     leave_one_out = torch.zeros(2, 4).index_put_((torch.arange(2), index), torch.tensor(-math.inf))
+    float32 = dict(rtol=0, atol=2e-5)  # the expansion's float32 error: about eps * |z|^2 / s^2 = 1.2e-7 * 100 nats
     prior.train()
     torch.testing.assert_close(prior(index).log_prob(z).double(),
-                               brute_force_mixture(z, leave_one_out.log_softmax(-1), x, scale).double())
+                               brute_force_mixture(z, leave_one_out.log_softmax(-1), x, scale).double(), **float32)
     prior.eval()
     full = brute_force_mixture(z, torch.full((2, 4), -math.log(4)), x, scale).double()
-    torch.testing.assert_close(prior(index).log_prob(z).double(), full)
+    torch.testing.assert_close(prior(index).log_prob(z).double(), full, **float32)
     # included: log 1/4 + log N(0; 0, 0.25 I_2) = -1.386 - 0.452, the others being 10 sigma away; excluded: < -40
     own = -math.log(4) - 2 * (math.log(0.5) + 0.5 * math.log(2 * math.pi))
     torch.testing.assert_close(full, torch.full((2,), own, dtype=torch.float64))

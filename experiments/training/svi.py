@@ -238,8 +238,11 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
                               checkpoint) from None
         if math.isnan(val_elbo) and monitor == "val_elbo":
             raise _non_finite("non-finite validation ELBO", name, epoch, checkpoint)
-        row = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_total / n, "val_elbo": val_elbo,
-               "seconds": time.perf_counter() - start}
+        row = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_total / n, "val_elbo": val_elbo}
+        for module in objective.modules():  # per-epoch upkeep and its numbers (the exemplar prior's cache)
+            if callable(getattr(module, "end_epoch", None)):
+                row.update(module.end_epoch())
+        row["seconds"] = time.perf_counter() - start
         state["history"].append(row)
         bar.set_postfix(loss=f"{-row['train_elbo']:.2f}", val=f"{val_elbo:.2f}")
         current = row[monitor]

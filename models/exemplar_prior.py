@@ -1,0 +1,279 @@
+"""The exemplar prior (Norouzi et al. 2020): a mixture of the guide's posteriors at the N training points.
+
+Exact in small data sets; at MNIST size a cached estimate that follows the exact leave-one-out mixture, and
+reports how closely it did (``end_epoch``) into ``history.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn import functional as F
+
+from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
+from vae_priors.models.mixture_priors import _MixtureOfPosteriors
+
+
+class ExemplarPrior(_MixtureOfPosteriors):
+    """Exemplar prior over the N training points (Norouzi et al. 2020, eq. 4), leave-one-out in training.
+
+    p(z | not n) = 1/(N-1) sum_{m != n} r(z | x_m) when training point n is scored (``index`` = the minibatch's
+    training indices, module in training mode); p(z) = 1/N sum_m r(z | x_m) in eval mode. r(z|x_m) is the
+    guide's q(z|x_m) (``variance="encoder"``: the mixture is the aggregated posterior) or N(mu(x_m), s^2 I)
+    with one learned s (``variance="shared"``, the Exemplar VAE's choice).
+
+    ``path="exact"`` encodes all N exemplars with gradients at every step (cost O(N) encoder passes: for
+    small N such as the digits). ``path="scalable"`` (for MNIST-size N) is a stratified estimate whose
+    components are encoded by the current encoder at every step (without gradients), so it never goes stale:
+
+    1. head: for each training point n a table of k near exemplars, chosen by Euclidean distance between the
+       means in a cache of all N encodings. The cache costs no encoder passes of its own: each training step
+       writes back the encodings the guide has just computed for its batch, and ``end_epoch`` (called by ``fit``
+       after validation, whose exact mixture encodes all N anyway) replaces it. The table gets one NN-descent
+       sweep per epoch over {current neighbours, their neighbours, the k nearest of a random subset}
+       (Dong et al. 2011), and after every visit merges in the k nearest of that step's tail draws (for later
+       visits; the step itself uses the old head). ``refresh_points`` > 0 adds a re-encoding of the cache.
+    2. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
+       + (N-1-k)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
+       the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
+       the other N-1-k exemplars, so the tail mean is unbiased for theirs. Its density is an unbiased estimate of
+       the leave-one-out mixture's for any head (biased low in log space); with M >= N it is exact.
+
+    The cost per step is B k + M encoder passes without gradients and O(B (k + M) D). What remains is the log-space
+    bias, small when the head holds the exemplars that carry the mixture's mass at z (on MNIST the nearest one
+    carries about half). ``end_epoch`` measures it against the exact leave-one-out mixture at the end of every
+    epoch: the mean |error| in nats per point over ``track_points`` training points (``prior_error`` in
+    ``history.csv``). Gradients reach the encoder through z and the shared scale, not through the exemplars.
+
+    Under torch.distributed every rank holds the same cache and table: each step all-gathers the ranks'
+    written-back encodings and updated table rows, and the sweeps draw from a generator shared by the ranks.
+    Write-back needs a guide whose ``net(x)`` returns (loc, scale) (``AmortizedNormalGuide``); with other
+    guides the cache is renewed by ``end_epoch`` and ``refresh_points`` only (it only guides the head's choice).
+    """
+
+    def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
+                 neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256):
+        super().__init__(guide, max_elements)
+        n = train_x.shape[0]
+        if variance not in ("encoder", "shared"):
+            raise ValueError(f"exemplar variance {variance!r} is unknown; choose \"encoder\" or \"shared\"")
+        if path not in ("exact", "scalable"):
+            raise ValueError(f"exemplar path {path!r} is unknown; choose \"exact\" or \"scalable\"")
+        if n < 2:
+            raise ValueError(f"an exemplar prior needs at least 2 training points for leave-one-out, got {n}")
+        if path == "scalable" and not (1 <= neighbors and neighbors + 2 <= subset <= n):
+            raise ValueError(f"the scalable exemplar path needs 1 <= neighbors and neighbors + 2 <= subset <= N; got "
+                             f"neighbors={neighbors}, subset={subset}, N={n}: lower them or use path=\"exact\"")
+        self.variance, self.path = variance, path
+        self.neighbors, self.subset, self.refine = neighbors, subset, refine
+        self.refresh_points, self.track_points = refresh_points, min(track_points, n)
+        self.register_buffer("train_x", train_x, persistent=False)  # rebuilt from the data, not checkpointed
+        if variance == "shared":
+            self.raw_shared_scale = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus^-1(1)
+        self._loc = self._scale = self._table = self._batch = None
+        self._seen = self._sweeps = 0
+        encoder = getattr(guide, "net", None)
+        if path == "scalable" and isinstance(encoder, nn.Module):
+            encoder.register_forward_hook(self._remember_batch)
+
+    @property
+    def num_exemplars(self) -> int:
+        return self.train_x.shape[0]
+
+    def _component_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.variance == "encoder":
+            return scale
+        return (F.softplus(self.raw_shared_scale) + 1e-3).expand(scale.shape)
+
+    def mixture(self, index: torch.Tensor | None = None, loc: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> GaussianMixture:
+        """The exact mixture from the current encoder (or from ``loc``, ``scale``): leave-one-out for training
+        indices ``index``, else all N."""
+        if loc is None:
+            loc, scale = self._encode(self.train_x, self.train_x)
+        n = self.num_exemplars
+        if index is None:
+            return GaussianMixture(loc.new_zeros(1, n), loc, self._component_scale(scale), self.max_elements)
+        logits = loc.new_zeros(index.shape[0], n)
+        logits[torch.arange(index.shape[0], device=index.device), index] = -math.inf
+        return GaussianMixture(logits, loc, self._component_scale(scale), self.max_elements)
+
+    def forward(self, index: torch.Tensor) -> GaussianMixture | HeadTailMixture:
+        if not self.training:
+            return self.mixture().expand(index.shape[:1])
+        if index.numel() and int(index.max()) >= self.num_exemplars:
+            raise ValueError(f"in training mode the exemplar prior scores training points (indices < "
+                             f"{self.num_exemplars}), got index {int(index.max())}; call .eval() for other points")
+        if self.path == "exact":
+            return self.mixture(index)
+        if self._loc is None or self._loc.device != self.train_x.device or (
+                self.refresh_points and self._seen >= self.refresh_points):
+            self.refresh()
+        self._seen += index.shape[0]
+        fresh = self._write_back(index)
+        estimate = self._estimate(index, refine=self.refine)
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            self._share_updates(index, fresh)
+        return estimate
+
+    def _remember_batch(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Forward hook on the guide's encoder: keep the encodings of the batch the guide has just seen."""
+        if self.training and torch.is_grad_enabled() and args:
+            self._batch = (args[0], output[0].detach(), output[1].detach())
+
+    @torch.no_grad()
+    def _write_back(self, index: torch.Tensor) -> bool:
+        """Put the guide's fresh encodings of this batch into the cache, when they are of these training points."""
+        batch, self._batch = self._batch, None
+        if batch is None or batch[0].shape[0] != index.shape[0] or not torch.equal(batch[0], self.train_x[index]):
+            return False  # e.g. dynamically binarized inputs: not the stored exemplars
+        self._loc[index], self._scale[index] = batch[1], batch[2]
+        self._sq_norm[index] = batch[1].pow(2).sum(-1)
+        return True
+
+    @torch.no_grad()
+    def _share_updates(self, index: torch.Tensor, fresh: bool) -> None:
+        """All-gather every rank's written-back encodings and table rows, so that all ranks keep the same state."""
+        d = self._loc.shape[1]
+        rows = torch.cat([index[:, None].double(), self._loc[index].double(), self._scale[index].double(),
+                          self._table[index].double()], 1)
+        if not fresh:  # nothing new here; the table rows still are
+            rows[:, 1 : 1 + 2 * d] = math.nan
+        sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
+        padded = rows.new_zeros(int(max(sizes)), rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch_dist.all_gather(parts, padded)
+        for size, part in zip(sizes, parts, strict=True):
+            part = part[: int(size)]
+            ids = part[:, 0].long()
+            self._table[ids] = part[:, 1 + 2 * d :].long()
+            known = ~part[:, 1].isnan()
+            if known.any():
+                self._loc[ids[known]] = part[known, 1 : 1 + d].to(self._loc.dtype)
+                self._scale[ids[known]] = part[known, 1 + d : 1 + 2 * d].to(self._scale.dtype)
+                self._sq_norm[ids[known]] = self._loc[ids[known]].pow(2).sum(-1)
+
+    @torch.no_grad()
+    def refresh(self, loc: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
+        """Renew the cache (re-encoding every exemplar unless ``loc``/``scale`` are given), then sweep the table."""
+        x, n, k = self.train_x, self.num_exemplars, self.neighbors
+        if loc is None:
+            parts = [self.guide.encode(x[i : i + 4096]).base_dist for i in range(0, n, 4096)]
+            loc, scale = torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
+        self._loc, self._scale = loc.clone(), scale.clone()  # written to in place by the steps
+        self._sq_norm = self._loc.pow(2).sum(-1)
+        # the same draws on every rank (not the ranks' own Monte Carlo streams): their tables stay equal
+        rng = torch.Generator(device=x.device).manual_seed(self._sweeps)
+        self._sweeps += 1
+        if self._table is None or self._table.device != x.device:
+            # k distinct neighbours other than the point itself: n + 1 + ((r_n + j) mod (N-1)) mod N
+            offset = torch.randint(0, n - 1, (n, 1), device=x.device, generator=rng) + torch.arange(k, device=x.device)
+            self._table = (torch.arange(n, device=x.device)[:, None] + 1 + offset % (n - 1)) % n
+        for chunk in torch.arange(n, device=x.device).split(1024):
+            self._update_neighbors(chunk, torch.randint(0, n, (self.subset,), device=x.device, generator=rng))
+        self._seen = 0
+
+    @torch.no_grad()
+    def end_epoch(self) -> dict[str, float]:
+        """Measure the cached estimate against the exact leave-one-out mixture, then renew the cache.
+
+        Called by ``fit`` after each epoch's validation, whose exact mixture has just encoded all N exemplars
+        with the current encoder (the encodings are reused, not recomputed). Returns ``prior_error`` (mean
+        |estimate - exact| of log p(z | not n), nats per point) and ``prior_error_mean`` (its signed mean), for
+        z ~ q(z|x_n) at ``track_points`` random training points; {} on the exact path or before any step.
+        """
+        if self.path != "scalable" or self._loc is None:
+            return {}
+        loc, scale = self._encode(self.train_x, self.train_x)
+        summary = {}
+        if self.track_points:
+            rng = torch.Generator(device=loc.device).manual_seed(10_000 + self._sweeps)
+            index = torch.randperm(self.num_exemplars, device=loc.device, generator=rng)[: self.track_points]
+            z = loc[index] + scale[index] * torch.randn(loc[index].shape, device=loc.device, generator=rng)
+            errors = []
+            for part in index.split(64):
+                rows = slice(len(errors) * 64, len(errors) * 64 + len(part))
+                estimate = self._estimate(part, refine=False, generator=rng).log_prob(z[rows])
+                errors.append(estimate - self.mixture(part, loc, scale).log_prob(z[rows]))
+            error = torch.cat(errors)
+            summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item()}
+        self.refresh(loc, scale)
+        return summary
+
+    @torch.no_grad()
+    def _update_neighbors(self, index: torch.Tensor, subset: torch.Tensor) -> None:
+        """One NN-descent step for the points ``index``: keep the k nearest of their neighbours, the neighbours'
+        neighbours and the k nearest of the random exemplars ``subset``."""
+        mine = self._table[index]
+        local = torch.cat([mine, self._table[mine].flatten(1)], dim=1)  # (B, k + k^2)
+        near = self._squared_distances(index, subset).topk(self.neighbors, dim=1, largest=False)
+        self._keep_nearest(index, torch.cat([local, subset[near.indices]], 1),
+                           torch.cat([self._squared_distances(index, local), near.values], 1))
+
+    def _squared_distances(self, index: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """|mu_n - mu_m|^2 between cached means by the quadratic expansion: (B, M) for ``other`` (M,) shared by the
+        batch, (B, L) for ``other`` (B, L) per point."""
+        query = self._loc[index]
+        if other.dim() == 1:
+            cross = query @ self._loc[other].T
+        else:
+            cross = torch.bmm(self._loc[other], query[:, :, None]).squeeze(-1)
+        return self._sq_norm[index][:, None] - 2 * cross + self._sq_norm[other]
+
+    def _keep_nearest(self, index: torch.Tensor, pool: torch.Tensor, d2: torch.Tensor) -> None:
+        """Set each point's table row to the k nearest distinct exemplars (other than itself) in ``pool``."""
+        d2 = d2.masked_fill(pool == index[:, None], math.inf)
+        ids, order = pool.sort(dim=1)
+        d2 = d2.gather(1, order)
+        d2[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], math.inf)  # each exemplar counted once
+        self._table[index] = ids.gather(1, d2.topk(self.neighbors, dim=1, largest=False).indices)
+
+    def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
+                  ) -> HeadTailMixture:
+        """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache."""
+        n, k, b = self.num_exemplars, self.neighbors, index.shape[0]
+        # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
+        # uniform over the other N-1-k exemplars and their mean is unbiased for the tail's mean density
+        if self.subset >= n:
+            tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
+        else:
+            tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
+        head = self._table[index]  # (B, k), fixed before this step's draws
+        tail = tail.sort().values
+        in_tail = self._not_in(tail, torch.cat([index[:, None], head], 1))
+        log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+        tail_logits = torch.where(in_tail, log_tail, -math.inf)
+        if refine and self.subset < n:
+            self._refine_neighbors(index, head, tail)
+        # the components themselves come from the current encoder (no gradient): only the choice of the head
+        # rests on the cache, so the estimate does not go stale with it
+        ids, position = torch.cat([head.flatten(), tail]).unique(return_inverse=True)
+        with torch.no_grad():
+            encoded = self.guide.encode(self.train_x[ids]).base_dist
+        loc, scale = encoded.loc, self._component_scale(encoded.scale)
+        at_head, at_tail = position[: b * k].view(b, k), position[b * k :]
+        tail_scale = scale[:1].expand(len(tail), -1) if self.variance == "shared" else scale[at_tail]
+        return HeadTailMixture(loc.new_full((b, k), -math.log(n - 1)), loc[at_head], scale[at_head],
+                               tail_logits, loc[at_tail], tail_scale, self.max_elements)
+
+    @staticmethod
+    def _not_in(sorted_ids: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+        """(B, M) mask: sorted_ids[m] not in excluded[b] (B, E), via the ranges of equal ids found by bisection."""
+        bounds = torch.stack([torch.searchsorted(sorted_ids, excluded, right=r) for r in (False, True)])  # (2, B, E)
+        steps = torch.zeros(excluded.shape[0], sorted_ids.shape[0] + 1, dtype=torch.int32, device=excluded.device)
+        steps.scatter_add_(1, bounds[0], torch.ones_like(bounds[0], dtype=torch.int32))  # +1 where a range opens,
+        steps.scatter_add_(1, bounds[1], torch.full_like(bounds[1], -1, dtype=torch.int32))  # -1 where it closes
+        return steps.cumsum(1)[:, :-1] == 0
+
+    @torch.no_grad()
+    def _refine_neighbors(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor) -> None:
+        """Cheap per-visit refinement: merge head_n with the k tail draws nearest to mu_n (for later visits)."""
+        near = self._squared_distances(index, tail).topk(self.neighbors, dim=1, largest=False)
+        self._keep_nearest(index, torch.cat([head, tail[near.indices]], 1),
+                           torch.cat([self._squared_distances(index, head), near.values], 1))

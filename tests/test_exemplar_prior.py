@@ -1,0 +1,162 @@
+"""The exemplar prior's cached path: write-back of the guide's encodings, the end-of-epoch error against the
+exact leave-one-out mixture (brute force), the cache renewal, and equal caches on every rank under DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.test_distributed import _free_port, _tiny_digits
+from tests.test_mixture_priors import LinearEncoder, brute_force_mixture
+from vae_priors.experiments.config import ModelConfig, SVIConfig
+from vae_priors.experiments.registry import get_variant
+from vae_priors.experiments.training.svi import fit
+from vae_priors.models.exemplar_prior import ExemplarPrior
+from vae_priors.models.plate import subsample
+
+
+def _step(pair, x: torch.Tensor, index: torch.Tensor) -> None:
+    """One SGD step of the pair's ELBO on the training points ``index``."""
+    objective = pair.objective(pyro.infer.Trace_ELBO())
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
+    with subsample(index, x.shape[0]):
+        loss = objective(x[index]) / x.shape[0]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _scalable_pair(data, **settings):
+    cfg = ModelConfig(hidden=[8], latent_dim=3, exemplar_path="scalable", exemplar_neighbors=2,
+                      exemplar_subset=6, **settings)
+    return get_variant("vae-exemplar").factory(data, cfg, "bernoulli")
+
+
+def test_a_training_step_writes_the_guides_encodings_of_its_batch_into_the_cache():
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    pair = _scalable_pair(data)
+    prior, x = pair.model.prior, data.train.x
+    _step(pair, x, torch.arange(5))  # builds the cache
+    before_loc = prior._loc.clone()
+    index = torch.tensor([7, 20, 33])
+    with torch.no_grad():
+        expected = pair.guide.encode(x[index]).base_dist  # the encoder as the step's guide sees it
+    _step(pair, x, index)
+    torch.testing.assert_close(prior._loc[index], expected.loc)
+    torch.testing.assert_close(prior._scale[index], expected.scale)
+    others = torch.ones(40, dtype=torch.bool).index_fill_(0, index, False)
+    assert torch.equal(prior._loc[others], before_loc[others])
+    assert not torch.equal(prior._loc[index], before_loc[index]), "the step moved nothing: the check proves nothing"
+
+
+def test_encodings_of_other_inputs_than_the_stored_exemplars_are_not_written_back():
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    pair = _scalable_pair(data)
+    prior, x = pair.model.prior, data.train.x
+    _step(pair, x, torch.arange(5))
+    before = prior._loc.clone()
+    index = torch.tensor([7, 20])
+    objective = pair.objective(pyro.infer.Trace_ELBO())
+    with subsample(index, 40):
+        objective(1.0 - x[index])  # e.g. a dynamically binarized draw, not the stored image
+    assert torch.equal(prior._loc, before)
+
+
+def test_the_estimate_uses_the_current_encoder_not_the_stale_cache():
+    """With the tail covering all N the estimate is exact given its components; after the encoder moves (the
+    cache keeps the old means) it must equal the exact leave-one-out mixture of the *current* encoder
+    (brute force), and ``end_epoch`` must then report no error and hold the current encodings."""
+    torch.manual_seed(0)
+    n = 12
+    x = torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=2, subset=n,
+                          track_points=n).train()
+    prior.refresh()
+    with torch.no_grad():
+        prior.guide.linear.weight.mul_(1.3)  # the encoder moves; the cache keeps the old means
+    index = torch.tensor([0, 5, 11])
+    z = torch.randn(3, 2)
+    loo = torch.zeros(3, n).index_put_((torch.arange(3), index), torch.tensor(-math.inf)).log_softmax(-1)
+    scale = torch.full((n, 2), 0.7)
+    current = brute_force_mixture(z, loo, 1.3 * x, scale)
+    assert (current - brute_force_mixture(z, loo, x, scale)).abs().min() > 0.05  # the stale one differs
+    torch.testing.assert_close(prior(index).log_prob(z).double(), current, atol=1e-5, rtol=0)
+    assert prior.end_epoch()["prior_error"] < 1e-4
+    torch.testing.assert_close(prior._loc, 1.3 * x)
+
+
+def test_end_epoch_reports_the_error_of_a_head_that_misses_the_near_exemplars():
+    """Two far clusters; every table row points into the other cluster and the tail is small, so the estimate
+    misses nearly all of the mixture's mass: the reported error must be large and negative."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(50, 2) * 0.1, 20 + torch.randn(50, 2) * 0.1])
+    prior = ExemplarPrior(LinearEncoder(2, 0.1), x, path="scalable", neighbors=2, subset=4,
+                          track_points=100).train()
+    prior.refresh()
+    prior._table = (torch.arange(100)[:, None] + torch.tensor([50, 51])) % 100  # the wrong cluster
+    summary = prior.end_epoch()
+    assert summary["prior_error"] > 1.0 and summary["prior_error_mean"] < -1.0, summary
+
+
+def test_fit_records_the_scalable_priors_error_in_the_history():
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    result = fit(_scalable_pair(data), data, SVIConfig(epochs=2, batch_size=10), progress=False)
+    assert {"prior_error", "prior_error_mean"} <= set(result.history.columns)
+    assert result.history["prior_error"].between(0, 50).all()
+    exact = fit(get_variant("vae-exemplar").factory(data, ModelConfig(hidden=[8], latent_dim=3), "bernoulli"),
+                data, SVIConfig(epochs=1, batch_size=10), progress=False)
+    assert "prior_error" not in exact.history.columns  # nothing is estimated on the exact path
+
+
+def _fit_and_keep_state(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        pyro.set_rng_seed(0)
+        data = _tiny_digits(train=40)
+        data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
+        pair = _scalable_pair(data)
+        prior = pair.model.prior
+        states, end_epoch = [], prior.end_epoch
+
+        def keep_then_end_epoch():  # the state the steps left, before the epoch's renewal makes the caches equal
+            states.append([t.clone() for t in (prior._loc, prior._scale, prior._table)])
+            return end_epoch()
+
+        prior.end_epoch = keep_then_end_epoch
+        fit(pair, data, SVIConfig(epochs=2, batch_size=7), seed=1, progress=False)  # uneven shards: 4 + 3
+        states.append([t.clone() for t in (prior._loc, prior._scale, prior._table)])
+        torch.save(states, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no torch.distributed with the gloo backend")
+def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path):
+    mp.spawn(_fit_and_keep_state, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for state0, state1 in zip(*ranks, strict=True):
+        for a, b in zip(state0, state1, strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(ranks[0][0][0], ranks[0][1][0]), "the cache never changed: the check proves nothing"
+
+
+def test_a_guide_without_an_encoder_net_still_trains_on_the_cache():
+    torch.manual_seed(0)
+    x = torch.rand(30, 4)
+    prior = ExemplarPrior(LinearEncoder(4, 0.5), x, path="scalable", neighbors=2, subset=8).train()
+    assert not hasattr(prior.guide, "net")
+    mixture = prior(torch.arange(5))  # no write-back hook: the cache comes from refresh alone
+    assert torch.isfinite(mixture.log_prob(torch.randn(5, 4))).all()
