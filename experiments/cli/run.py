@@ -202,12 +202,15 @@ def _command_run(args: argparse.Namespace, config: RunConfig, resume: Path | Non
 
 def _train_only(args: argparse.Namespace, config: RunConfig, run_dir: Path, pairs: dict[str, tuple[Pair, Dataset]],
                 done: dict[str, dict], resume: bool) -> int:
-    """A rank > 0: its part in training each variant; rank 0 evaluates, writes and diagnoses while it waits."""
+    """A rank > 0: its part in training and evaluating each variant; rank 0 writes and diagnoses while it waits."""
     for name in config.variants:
         if name not in done:
+            pair, dataset = pairs[name]
             checkpoint = _checkpoint(run_dir, name)
-            fit(pairs[name][0], pairs[name][1], config.svi, seed=config.seed, checkpoint=checkpoint,
+            fit(pair, dataset, config.svi, seed=config.seed, checkpoint=checkpoint,
                 resume=resume and checkpoint.is_file(), name=name, progress=False)
+            evaluate(pair, dataset.test.to(config.svi.device), config.eval.num_particles,
+                     config.eval.local_refit_steps, seed=config.seed)  # its share of the test points
     distributed.barrier()  # released when rank 0 has written everything
     return 0
 

@@ -23,6 +23,7 @@ from torch import nn
 from vae_priors.experiments.data.datasets import Split
 from vae_priors.experiments.evaluation.log_weights import LogWeights, log_weights
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training import distributed
 
 
 @dataclass
@@ -87,7 +88,20 @@ def evaluation_guide(pair: Pair, split: Split, guide: nn.Module | None = None, l
 
 def evaluate(pair: Pair, split: Split, num_particles: int = 1000, local_refit_steps: int = 500,
              seed: int = 0) -> Evaluation:
-    """Per-point log weights on ``split`` with ``num_particles`` draws from the (possibly refitted) guide."""
+    """Per-point log weights on ``split`` with ``num_particles`` draws from the (possibly refitted) guide.
+
+    Under a process group (torchrun) with an amortized guide, each rank weighs its contiguous share of the points
+    with its own random stream (rank 0 keeps ``seed``) and every rank gets all of them back: with W processes the
+    draws differ from one process's, so the numbers are reproducible for a given W. A per-point guide is refitted
+    and evaluated by every rank on all points (its parameters belong to the points).
+    """
     guide, note = evaluation_guide(pair, split, local_refit_steps=local_refit_steps, seed=seed)
-    pyro.set_rng_seed(seed)
-    return Evaluation(log_weights(pair.model, guide, split.tensors(), num_particles), guide, note)
+    rank, size = distributed.world()
+    if size == 1 or not getattr(pair.guide, "amortized", True):
+        pyro.set_rng_seed(seed)
+        return Evaluation(log_weights(pair.model, guide, split.tensors(), num_particles), guide, note)
+    pyro.set_rng_seed(seed if rank == 0 else distributed.rank_seed(seed, rank, -1))
+    mine = distributed.shard_points(len(split)).to(split.x.device)
+    weights = log_weights(pair.model, guide, split.tensors(mine), num_particles)
+    gathered = [distributed.gather_points(t, len(split)) for t in (weights.log_q, weights.log_p_z, weights.log_lik)]
+    return Evaluation(LogWeights(*gathered), guide, note)

@@ -131,6 +131,28 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return total.to(value.device)
 
 
+def shard_points(num_points: int) -> torch.Tensor:
+    """This rank's contiguous share of ``range(num_points)`` (all of it without a process group)."""
+    rank, size = world()
+    return torch.arange(num_points).tensor_split(size)[rank]
+
+
+def gather_points(value: torch.Tensor, num_points: int) -> torch.Tensor:
+    """Every rank's ``value`` (..., its ``shard_points(num_points)``) joined along the last axis, on every rank."""
+    size = world()[1]
+    if size == 1:
+        return value
+    device = value.device
+    if dist.get_backend() == "nccl":  # nccl gathers CUDA tensors only
+        value = value.cuda()
+    sizes = [len(part) for part in torch.arange(num_points).tensor_split(size)]
+    padded = value.new_zeros(*value.shape[:-1], max(sizes))  # all_gather wants equal shapes
+    padded[..., : value.shape[-1]] = value
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[..., :n] for part, n in zip(parts, sizes, strict=True)], -1).to(device)
+
+
 def replicate(objective: nn.Module) -> nn.Module:
     """The module to run the forward pass through: DDP around ``objective`` under a process group, else itself.
 
