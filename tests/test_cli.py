@@ -141,3 +141,15 @@ def test_findings_command_recomputes_the_paired_findings_from_pointwise_files_al
     held_out = written[written.measure == "test log-likelihood (IS)"].reset_index(drop=True)
     pd.testing.assert_frame_equal(again, held_out)
     assert "vae is ahead of vae-local-guide" in result.stdout or "no detectable difference" in result.stdout
+
+
+def test_bench_evaluation_reevaluates_a_trained_pair_of_a_run(tiny_run):
+    """`vae-priors bench evaluation RUN_DIR` times the held-out evaluation of a saved pair; with the run's own
+    draws (same seed and particles) it reproduces the run's test log-likelihood."""
+    cwd, _ = tiny_run
+    result = vae_priors("bench", "evaluation", "run", "--variant", "vae", "--particles", "20", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_csv(cwd / "run" / "metrics.csv").set_index("variant")
+    printed = float(result.stdout.split("test log-lik ")[1].split()[0])
+    assert printed == pytest.approx(metrics.loc["vae", "test_log_lik"], abs=1e-3)
+    assert "1 process(es)" in result.stdout

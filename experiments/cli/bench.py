@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-MODULES = {"svi": "svi_bench", "mixture-prior": "mixture_prior_bench", "diagnostics": "diagnostics_bench"}
+MODULES = {"svi": "svi_bench", "mixture-prior": "mixture_prior_bench", "diagnostics": "diagnostics_bench",
+           "evaluation": "evaluation_bench"}
 
 
 def command_bench(args: argparse.Namespace) -> int:
