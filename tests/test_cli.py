@@ -153,3 +153,19 @@ def test_bench_evaluation_reevaluates_a_trained_pair_of_a_run(tiny_run):
     printed = float(result.stdout.split("test log-lik ")[1].split()[0])
     assert printed == pytest.approx(metrics.loc["vae", "test_log_lik"], abs=1e-3)
     assert "1 process(es)" in result.stdout
+
+
+def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpoint(tmp_path):
+    config = (TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae-exemplar"]')
+              .replace("hidden = [16]", 'hidden = [16]\nexemplar_path = "scalable"\nexemplar_neighbors = 2\n'
+                                        "exemplar_subset = 20"))
+    (tmp_path / "ex.toml").write_text(config)
+    assert vae_priors("run", "ex.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=tmp_path).returncode == 0
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history.prior_error.notna().all()  # measured at the end of every epoch of the run
+    result = vae_priors("bench", "exemplar-staleness", "run", "--steps", "3", "--points", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in ("cached, all N", "estimator", "current components, same table", "exact kNN head", "recall@2"):
+        assert line in result.stdout, line
+    errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
+    assert len(errors) == 4 and all(0 <= e < 100 for e in errors)

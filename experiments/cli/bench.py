@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 MODULES = {"svi": "svi_bench", "mixture-prior": "mixture_prior_bench", "diagnostics": "diagnostics_bench",
-           "evaluation": "evaluation_bench"}
+           "evaluation": "evaluation_bench", "exemplar-staleness": "exemplar_staleness"}
 
 
 def command_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,127 @@
+"""Where the scalable exemplar prior's error comes from, at a point of a real training run (issue 7).
+
+    vae-priors bench exemplar-staleness RUN_DIR [--steps 100] [--points 256]
+
+Loads the ``vae-exemplar`` checkpoint of a run (``RUN_DIR/checkpoints/vae-exemplar.pt``: the nets and the
+optimizer at the end of its last finished epoch), rebuilds the cache from the current encoder (three neighbour
+sweeps from a fresh table), takes ``--steps`` training steps as the run would (write-back included), and then
+compares log p(z | not n) for z ~ q(z|x_n) at ``--points`` training points with the exact leave-one-out mixture
+of the current encoder (nats per point, mean |error| and mean):
+
+* ``cached, all N``: the exact mixture of the cached components (no head/tail sampling): the cache's age alone;
+* ``estimator``: the scalable estimate the training step uses (cached components, table head, tail of M);
+* ``current components, same table``: the estimator with every component from the current encoder;
+* ``current components, exact kNN head``: the same with the table replaced by the exact k nearest means;
+
+then the table's recall of the exact k nearest, the share of the mixture at z held by its 1 / 10 / 100 largest
+components, and the mean distance the means moved over the steps in units of the component scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pyro
+import torch
+
+from vae_priors.experiments.files import load_torch
+from vae_priors.experiments.runs.layout import build_pair, load_run
+from vae_priors.experiments.runtime import set_threads
+from vae_priors.experiments.training.objectives import make_elbo
+from vae_priors.experiments.training.svi import svi_step
+
+
+def _mean_error(estimate: torch.Tensor, exact: torch.Tensor) -> str:
+    error = estimate - exact
+    return f"|err| {error.abs().mean().item():6.3f}  mean {error.mean().item():7.3f}"
+
+
+@torch.no_grad()
+def _estimates(prior, index: torch.Tensor, z: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    parts = [prior._estimate(part, refine=False, generator=rng).log_prob(z[i * 64 : (i + 1) * 64])
+             for i, part in enumerate(index.split(64))]
+    return torch.cat(parts)
+
+
+def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
+    config, data = load_run(run_dir)
+    pair, dataset = build_pair(config, data, "vae-exemplar")
+    prior = pair.model.prior
+    if prior.path != "scalable":
+        raise SystemExit(f"{run_dir}: its vae-exemplar uses the exact path; nothing is estimated")
+    objective = pair.objective(make_elbo(config.svi.objective, config.svi.num_particles))
+    optimizer = torch.optim.Adam(objective.parameters(), lr=config.svi.lr, foreach=True)
+    saved = load_torch(run_dir / "checkpoints" / "vae-exemplar.pt", "checkpoint", weights_only=False)
+    objective.load_state_dict(saved["objective"])
+    optimizer.load_state_dict(saved["optimizer"])
+    x, n = dataset.train.x, len(dataset.train)
+    objective.train()
+    pyro.set_rng_seed(seed)
+    prior.refresh()
+    for _ in range(2):
+        prior.refresh(prior._loc, prior._scale)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for i in range(steps):
+        index = order[(i * config.svi.batch_size) % n :][: config.svi.batch_size]
+        svi_step(objective, optimizer, (x[index],), index, n, validate=False)
+    with torch.no_grad():
+        objective.eval()
+        loc, scale = prior._encode(x, x)  # the current encoder
+        objective.train()
+        rng = torch.Generator().manual_seed(seed + 1)
+        index = torch.randperm(n, generator=rng)[:points]
+        z = loc[index] + scale[index] * torch.randn(points, loc.shape[1], generator=rng)
+        exact = prior.mixture(index, loc, scale).log_prob(z)
+        s = prior._component_scale(loc[:1])[0, 0].item() if prior.variance == "shared" else math.nan
+        print(f"{run_dir.name}: epoch {saved['state']['epoch']} + {steps} steps, N = {n}, k = {prior.neighbors}, "
+              f"M = {prior.subset}, {points} points, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+        stale = prior.mixture(index, prior._loc, prior._scale).log_prob(z)
+        print(f"  cached, all N                       {_mean_error(stale, exact)}")
+        print(f"  estimator                           {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        cached = prior._loc, prior._scale
+        prior._loc, prior._scale = loc, scale
+        print(f"  current components, same table      {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        d2 = torch.cdist(loc[index], loc).pow(2)
+        d2[torch.arange(points), index] = math.inf
+        nearest = d2.topk(prior.neighbors, largest=False).indices
+        recall = (prior._table[index][:, :, None] == nearest[:, None, :]).any(-1).double().mean().item()
+        table = prior._table[index].clone()
+        prior._table[index] = nearest
+        print(f"  current components, exact kNN head  {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        prior._table[index] = table
+        prior._loc, prior._scale = cached
+        weights = torch.cat([_responsibilities(prior, loc, scale, z[i : i + 64], index[i : i + 64])
+                             for i in range(0, points, 64)])
+        shares = [weights.topk(k, -1).values.sum(-1).mean().item() for k in (1, 10, 100)]
+        moved = (cached[0] - loc).norm(dim=1).mean().item()
+        print(f"  table recall@{prior.neighbors} {recall:.2f}; mixture share of the 1 / 10 / 100 largest components "
+              f"{shares[0]:.2f} / {shares[1]:.2f} / {shares[2]:.2f}; shared scale s = {s:.3f}; means moved "
+              f"{moved:.3f} = {moved / s:.2f} s over the {steps} steps")
+
+
+def _responsibilities(prior, loc: torch.Tensor, scale: torch.Tensor, z: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+    """Each component's share of the exact leave-one-out mixture at z: (points, N)."""
+    from vae_priors.models.mixture_distributions import gaussian_log_density_matrix
+
+    dens = gaussian_log_density_matrix(z, loc, prior._component_scale(scale))
+    dens[torch.arange(len(index)), index] = -math.inf
+    return dens.softmax(-1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run with a vae-exemplar checkpoint (scalable path)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps between the cache and the check")
+    parser.add_argument("--points", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    run(args.run_dir, args.steps, args.points, args.seed)
+
+
+if __name__ == "__main__":
+    main()
