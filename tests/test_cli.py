@@ -147,8 +147,11 @@ def test_bench_evaluation_reevaluates_a_trained_pair_of_a_run(tiny_run):
     """`vae-priors bench evaluation RUN_DIR` times the held-out evaluation of a saved pair; with the run's own
     draws (same seed and particles) it reproduces the run's test log-likelihood."""
     cwd, _ = tiny_run
-    result = vae_priors("bench", "evaluation", "run", "--variant", "vae", "--particles", "20", cwd=cwd)
+    result = vae_priors("bench", "evaluation", "run", "--variant", "vae", "--particles", "20", "--pointwise",
+                        "again.csv", cwd=cwd)
     assert result.returncode == 0, result.stderr
+    again, saved = pd.read_csv(cwd / "again.csv"), pd.read_csv(cwd / "run" / "pointwise" / "vae.csv")
+    pd.testing.assert_frame_equal(again, saved, rtol=1e-6)
     metrics = pd.read_csv(cwd / "run" / "metrics.csv").set_index("variant")
     printed = float(result.stdout.split("test log-lik ")[1].split()[0])
     assert printed == pytest.approx(metrics.loc["vae", "test_log_lik"], abs=1e-3)

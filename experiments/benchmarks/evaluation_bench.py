@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vae_priors.experiments.evaluation.importance import evaluate
-from vae_priors.experiments.runs.layout import load_pair, load_run
+from vae_priors.experiments.runs.layout import load_pair, load_run, write_pointwise
 from vae_priors.experiments.runtime import set_threads
 from vae_priors.experiments.training import distributed
 
@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="vae")
     parser.add_argument("--particles", type=int, default=1000, help="importance draws per test point")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    parser.add_argument("--pointwise", type=Path, help="also write the per-point results (as RUN_DIR/pointwise/"
+                        "VARIANT.csv) to this file, e.g. to pair them with another run's in `vae-priors findings`")
     args = parser.parse_args(argv)
+    if args.pointwise and args.pointwise.exists():
+        parser.error(f"{args.pointwise} exists; pass a new file (nothing is overwritten)")
     threads = set_threads(args.threads)
     distributed.init_from_environment("cpu")
     try:
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.variant}: {len(dataset.test)} test points x {args.particles} draws, {size} process(es) x "
                   f"{threads} thread(s), torch {torch.__version__}: {seconds:.1f} s; test log-lik "
                   f"{summary['test_log_lik']:.3f} ± {summary['test_log_lik_se']:.3f}")
+            if args.pointwise:
+                write_pointwise(result, args.pointwise)
     finally:
         distributed.shutdown()
 
