@@ -14,13 +14,16 @@ of the current encoder (nats per point, mean |error| and mean):
 * ``current components, exact kNN head``: the same with the table replaced by the exact k nearest means;
 
 then the table's recall of the exact k nearest, the share of the mixture at z held by its 1 / 10 / 100 largest
-components, and the mean distance the means moved over the steps in units of the component scale.
+components, the mean distance the means moved over the steps in units of the component scale, and the cost of a
+step, of the validation pass (exact mixture) and of ``end_epoch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 from pathlib import Path
 
 import pyro
@@ -30,7 +33,7 @@ from vae_priors.experiments.files import load_torch
 from vae_priors.experiments.runs.layout import build_pair, load_run
 from vae_priors.experiments.runtime import set_threads
 from vae_priors.experiments.training.objectives import make_elbo
-from vae_priors.experiments.training.svi import svi_step
+from vae_priors.experiments.training.svi import mean_elbo, svi_step
 
 
 def _mean_error(estimate: torch.Tensor, exact: torch.Tensor) -> str:
@@ -63,9 +66,12 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
     for _ in range(2):
         prior.refresh(prior._loc, prior._scale)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    times = []
     for i in range(steps):
         index = order[(i * config.svi.batch_size) % n :][: config.svi.batch_size]
+        start = time.perf_counter()
         svi_step(objective, optimizer, (x[index],), index, n, validate=False)
+        times.append(time.perf_counter() - start)
     with torch.no_grad():
         objective.eval()
         loc, scale = prior._encode(x, x)  # the current encoder
@@ -99,6 +105,14 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
         print(f"  table recall@{prior.neighbors} {recall:.2f}; mixture share of the 1 / 10 / 100 largest components "
               f"{shares[0]:.2f} / {shares[1]:.2f} / {shares[2]:.2f}; shared scale s = {s:.3f}; means moved "
               f"{moved:.3f} = {moved / s:.2f} s over the {steps} steps")
+    start = time.perf_counter()
+    mean_elbo(objective, dataset.val)
+    validation = time.perf_counter() - start
+    start = time.perf_counter()
+    prior.end_epoch()  # reuses the validation's encodings, as in fit
+    upkeep = time.perf_counter() - start
+    print(f"  cost: median step {1e3 * statistics.median(times):.1f} ms; validation ({len(dataset.val)} points, exact "
+          f"mixture) {validation:.2f} s; end_epoch (error check and neighbour sweep) {upkeep:.2f} s")
 
 
 def _responsibilities(prior, loc: torch.Tensor, scale: torch.Tensor, z: torch.Tensor,
