@@ -85,7 +85,7 @@ def test_cli_refuses_a_wrong_mnist_file_in_one_line_and_keeps_nothing(server, tm
     assert len(result.stderr.strip().splitlines()) == 1 and "expected 440fcabf" in result.stderr
     assert not any((tmp_path / "mnist").iterdir())
     unknown = vae_priors("data", "fetch", "cifar", str(tmp_path / "c"), cwd=tmp_path)
-    assert unknown.returncode == 2 and "choose one of mnist, binarized-mnist" in unknown.stderr
+    assert unknown.returncode == 2 and "choose one of mnist, fashion-mnist, binarized-mnist" in unknown.stderr
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="needs the MNIST files in ../shared/data/mnist")
@@ -96,3 +96,14 @@ def test_the_real_mnist_files_pass_their_published_hashes(server, tmp_path):
     result = vae_priors("data", "fetch", "mnist", str(tmp_path / "mnist"), "--base-url", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(p.name for p in SHARED_MNIST.iterdir())
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_the_idx_downloads_are_the_files_the_loader_reads(name):
+    """What `data fetch` writes for an IDX data set is what `data.name = NAME` loads: the four standard names, each
+    with a 64-digit SHA-256."""
+    from vae_priors.experiments.data.formats import IDX_FILES
+
+    files = fetching.SOURCES[name][1]
+    assert sorted(f.name for f in files) == sorted(IDX_FILES.values())
+    assert all(len(f.sha256) == 64 and int(f.sha256, 16) >= 0 and not f.array for f in files)

@@ -40,6 +40,7 @@ class RemoteFile:
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # zalandoresearch/fashion-mnist README
 
 SOURCES: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
     "mnist": (MNIST_URL, (
@@ -47,6 +48,13 @@ SOURCES: dict[str, tuple[str, tuple[RemoteFile, ...]]] = {
         RemoteFile("train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
         RemoteFile("t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
         RemoteFile("t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    )),
+    # the SHA-256 of the four files Zalando publishes (their README gives MD5s; these agree with them)
+    "fashion-mnist": (FASHION_URL, (
+        RemoteFile("train-images-idx3-ubyte.gz", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+        RemoteFile("train-labels-idx1-ubyte.gz", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+        RemoteFile("t10k-images-idx3-ubyte.gz", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+        RemoteFile("t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
     )),
     "binarized-mnist": (BINARIZED_URL, (
         RemoteFile("binarized_mnist_train.amat", "43490d4d6ac9002727af4426d8748609fdb7e4094fa65ad8d681ea60082a7a5a",
