@@ -17,6 +17,19 @@ import pyro.distributions as dist
 import torch
 
 DEFAULT_MAX_ELEMENTS = 2**22  # entries of one (queries x components) chunk: 16 MB of float32
+COMPONENT_BLOCK = 4096  # components per block of GaussianMixture.log_prob
+
+
+def logsumexp_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix.logsumexp(-1)``, about 10x faster where the rows span hundreds of nats (a mixture over thousands of
+    components far from the query): the CPU's exp is slow below about -87, so differences to the row's maximum are
+    clamped at -80 first. A clamped term adds at most e^-80 of the maximum's weight (1e-35, below float precision
+    even summed over 10^9 components); a row with no finite entry stays -inf."""
+    top = matrix.detach().amax(-1, keepdim=True)
+    finite = torch.isfinite(top)
+    top = torch.where(finite, top, torch.zeros_like(top))
+    total = (matrix - top).clamp_min(-80.0).exp().sum(-1, keepdim=True).log() + top
+    return torch.where(finite, total, torch.full_like(total, -math.inf)).squeeze(-1)
 
 
 class LinearForm:
@@ -46,12 +59,17 @@ class LinearForm:
         self.bias = bias if extra is None else bias + extra.to(dtype)
         self.dtype = dtype
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((Q, K) matrix, (Q,) row term) whose sum (broadcast over K) is the log-density matrix."""
+    def features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the queries' features, (Q,) row term) of ``z`` (Q, D)."""
         z = z.to(self.dtype)
         if self.isotropic:
-            return torch.addmm(self.bias, z, self.weight), -0.5 * z.pow(2).sum(-1) * self.inv_var
-        return torch.addmm(self.bias, torch.cat([z * z, z], -1), self.weight), z.new_zeros(z.shape[0])
+            return z, -0.5 * z.pow(2).sum(-1) * self.inv_var
+        return torch.cat([z * z, z], -1), z.new_zeros(z.shape[0])
+
+    def scores(self, z: torch.Tensor, components: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """((Q, K') matrix for the ``components``, (Q,) row term) whose sum is the log-density matrix."""
+        features, row = self.features(z)
+        return torch.addmm(self.bias[components], features, self.weight[:, components]), row
 
 
 def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -102,14 +120,23 @@ class GaussianMixture(dist.MixtureSameFamily):
         shared = num_points == 1 or self.point_logits.stride(0) == 0  # one row of weights: into the bias
         dtype = torch.promote_types(queries.dtype, self.loc.dtype)
         form = LinearForm(self.loc, self.scale, dtype, log_w[0] if shared else None)
-        step = max(1, self.max_elements // num_components)
+        # blocks of queries x components (about 1024 x 4096 by default): a tall, thin product over all K at once
+        # runs at half the speed; the per-block logsumexps are combined exactly with logaddexp
+        width = min(num_components, COMPONENT_BLOCK)
+        step = max(1, self.max_elements // width)
         out = []
         for start in range(0, queries.shape[0], step):
             rows = torch.arange(start, min(start + step, queries.shape[0]), device=queries.device)
-            matrix, row = form.scores(queries[rows])
-            if not shared:
-                matrix = matrix + log_w[rows % num_points]  # last batch dim varies fastest
-            out.append(matrix.logsumexp(-1) + row)
+            features, row = form.features(queries[rows])
+            total = None
+            for first in range(0, num_components, width):
+                block = slice(first, first + width)
+                matrix = torch.addmm(form.bias[block], features, form.weight[:, block])
+                if not shared:
+                    matrix = matrix + log_w[rows % num_points, block]  # last batch dim varies fastest
+                part = logsumexp_rows(matrix)
+                total = part if total is None else torch.logaddexp(total, part)
+            out.append(total + row)
         return torch.cat(out).reshape(shape)
 
     def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
@@ -174,4 +201,4 @@ class HeadTailMixture(dist.MixtureSameFamily):
         step = max(1, self.max_elements // self.tail_loc.shape[0])
         tail = torch.cat([gaussian_log_density_matrix(queries[i : i + step], self.tail_loc, self.tail_scale)
                           for i in range(0, queries.shape[0], step)]).view(z.shape[0], num_points, -1)
-        return (torch.cat([head, tail], -1) + log_w).logsumexp(-1).reshape(shape)
+        return logsumexp_rows(torch.cat([head, tail], -1) + log_w).reshape(shape)

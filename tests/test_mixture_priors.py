@@ -18,6 +18,7 @@ from vae_priors.experiments.evaluation.log_weights import log_weights
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.training.svi import fit, mean_elbo
 from vae_priors.guides.amortized_normal import AmortizedNormalGuide
+from vae_priors.models import mixture_distributions
 from vae_priors.models.exemplar_prior import ExemplarPrior
 from vae_priors.models.mixture_distributions import GaussianMixture, HeadTailMixture
 from vae_priors.models.mixture_priors import VampPrior
@@ -51,8 +52,10 @@ def brute_force_mixture(z, log_w, loc, scale) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("block", [4096, 3])  # one block of components, or blocks of 3, 3 and 1 (logaddexp)
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
-def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol):
+def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol, block, monkeypatch):
+    monkeypatch.setattr(mixture_distributions, "COMPONENT_BLOCK", block)
     gen = torch.Generator().manual_seed(0)
     b, k, d, s = 4, 7, 3, 5
     logits = torch.randn(b, k, generator=gen, dtype=dtype)
@@ -72,7 +75,8 @@ def test_gaussian_mixture_log_prob_equals_float64_brute_force(dtype, tol):
 
 
 @pytest.mark.parametrize("shared_weights", [False, True])
-def test_gaussian_mixture_with_one_shared_scale_equals_float64_brute_force(shared_weights):
+def test_gaussian_mixture_with_one_shared_scale_equals_float64_brute_force(shared_weights, monkeypatch):
+    monkeypatch.setattr(mixture_distributions, "COMPONENT_BLOCK", 4)  # blocks of 4, 4 and 1 components
     """The isotropic shortcut (an expanded scalar scale: the exemplar prior's shared variance), with per-point or
     shared mixture weights (folded into the bias), against the explicit sum in float64."""
     gen = torch.Generator().manual_seed(2)
@@ -212,3 +216,19 @@ def test_mixture_prior_variants_train_on_digits_and_evaluate(digits, variant):
     assert weights.log_p_z.shape == (20, 50) and torch.isfinite(weights.log_w).all()
     summary = evaluate(pair, digits.test, num_particles=10).summary()
     assert math.isfinite(summary["test_log_lik"]) and summary["test_log_lik"] >= summary["test_elbo"]
+
+
+def test_logsumexp_rows_matches_torch_on_wide_rows_with_excluded_and_empty_rows():
+    """The clamped logsumexp against torch's: rows spanning 1000 nats, -inf entries (a left-out component), a row
+    with nothing finite; and its gradient is the row's softmax."""
+    gen = torch.Generator().manual_seed(3)
+    matrix = (300 * torch.randn(5, 2000, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    with torch.no_grad():
+        matrix[1, 7] = -math.inf
+        matrix[4] = -math.inf
+    got = mixture_distributions.logsumexp_rows(matrix)
+    expected = matrix.logsumexp(-1)
+    torch.testing.assert_close(got[:4], expected[:4], atol=1e-12, rtol=0)
+    assert got[4] == -math.inf
+    got[:4].sum().backward()
+    torch.testing.assert_close(matrix.grad[:4], matrix[:4].detach().softmax(-1), atol=1e-12, rtol=0)
