@@ -173,3 +173,15 @@ def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpo
         assert line in result.stdout, line
     errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
     assert len(errors) == 4 and all(0 <= e < 100 for e in errors)
+
+
+def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):
+    config = (TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-exemplar"]')
+              .replace("hidden = [16]", 'hidden = [16]\nexemplar_path = "scalable"\nexemplar_neighbors = 2\n'
+                                        "exemplar_subset = 20"))
+    (tmp_path / "ex.toml").write_text(config)
+    result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--rounds", "1",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "per epoch" in line]
+    assert [line.split()[0] for line in lines] == ["vae", "vae-exemplar"] and lines[0].endswith("1.00x vae")

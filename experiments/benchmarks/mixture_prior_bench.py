@@ -11,11 +11,15 @@ cache is then as old as it gets within an epoch of that many steps). The stale e
 against the tail size M (``--error-subsets``), on the same cache.
 
     vae-priors bench mixture-prior --data ../shared/data/binarized_mnist/binarized_mnist.npz
+
+``--epoch-cost CONFIG`` instead times whole epochs through ``fit`` (steps, validation with the exact mixture, the
+cache's ``end_epoch``) of ``vae`` and ``vae-exemplar`` under a run config, taking turns: the per-epoch ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -133,6 +137,32 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
                   ", ".join(f"M={m}: |err| {a:.3f} mean {e:.3f}" for m, (a, e) in errors.items()))
 
 
+def epoch_cost(config_path: Path, epochs: int, rounds: int) -> None:
+    """Whole epochs through ``fit`` (steps, validation, the prior's ``end_epoch``) of ``vae`` and ``vae-exemplar``
+    under a run config, taking turns ``rounds`` times; the median epoch seconds and their ratio."""
+    from vae_priors.experiments.config import load as load_config
+    from vae_priors.experiments.runs.layout import build_pair, load_run_data
+    from vae_priors.experiments.training.svi import fit
+
+    config = load_config(config_path)
+    data = load_run_data(config.data)
+    svi = dataclasses.replace(config.svi, epochs=epochs, patience=epochs + 1)
+    seconds: dict[str, list[float]] = {"vae": [], "vae-exemplar": []}
+    for _ in range(rounds):
+        for name in seconds:
+            pair, dataset = build_pair(config, data, name)
+            history = fit(pair, dataset, svi, seed=config.seed, progress=False).history
+            seconds[name] += list(history.seconds[1:])  # the first epoch builds the cache and warms up oneDNN
+    base = statistics.median(seconds["vae"])
+    print(f"{config_path.name}: epochs of {len(dataset.train)} points in batches of {svi.batch_size}, validation on "
+          f"{len(dataset.val)}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {rounds} rounds of "
+          f"{epochs} epochs, the first of each left out")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"  {name:<13} median {median:6.2f} s per epoch ({', '.join(f'{v:.2f}' for v in values)}): "
+              f"{median / base:.2f}x vae")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="binarized_mnist.npz (arrays train/valid/test)")
@@ -144,7 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--error-points", type=int, default=512, help="training points the error is averaged over")
     parser.add_argument("--stale-steps", type=int, default=100, help="training steps past the refresh (stale error)")
     parser.add_argument("--error-subsets", type=int, nargs="+", default=[256, 512, 1024], help="tail sizes M")
+    parser.add_argument("--epoch-cost", type=Path, metavar="CONFIG",
+                        help="instead: whole epochs of vae and vae-exemplar under this run config, side by side")
+    parser.add_argument("--epochs", type=int, default=3, help="with --epoch-cost: epochs per turn")
+    parser.add_argument("--rounds", type=int, default=2, help="with --epoch-cost: turns of each variant")
     args = parser.parse_args(argv)
+    if args.epoch_cost:
+        return epoch_cost(args.epoch_cost, args.epochs, args.rounds)
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass --data PATH/binarized_mnist.npz")
     run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed, args.error_points,
