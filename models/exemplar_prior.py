@@ -198,15 +198,20 @@ class ExemplarPrior(_MixtureOfPosteriors):
             rng = torch.Generator(device=loc.device).manual_seed(10_000 + self._sweeps)
             index = torch.randperm(self.num_exemplars, device=loc.device, generator=rng)[: self.track_points]
             z = loc[index] + scale[index] * torch.randn(loc[index].shape, device=loc.device, generator=rng)
-            errors = []
-            for part in index.split(64):
-                rows = slice(len(errors) * 64, len(errors) * 64 + len(part))
-                estimate = self._estimate(part, refine=False, generator=rng).log_prob(z[rows])
-                errors.append(estimate - self.mixture(part, loc, scale).log_prob(z[rows]))
-            error = torch.cat(errors)
+            error = self.estimate_error(index, z, loc, scale, rng)
             summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item()}
         self.refresh(loc, scale)
         return summary
+
+    @torch.no_grad()
+    def estimate_error(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per training point ``index``: the training estimate of log p(z | not n) from the cache and table minus
+        the exact leave-one-out value from the encodings ``loc``, ``scale`` (the table is not refined)."""
+        errors = [self._estimate(part, refine=False, generator=generator).log_prob(at)
+                  - self.mixture(part, loc, scale).log_prob(at) for part, at in zip(index.split(64), z.split(64),
+                                                                                     strict=True)]
+        return torch.cat(errors)
 
     @torch.no_grad()
     def _update_neighbors(self, index: torch.Tensor, subset: torch.Tensor) -> None:

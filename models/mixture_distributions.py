@@ -34,7 +34,7 @@ def logsumexp_rows(matrix: torch.Tensor) -> torch.Tensor:
 
 class LinearForm:
     """log N(z; loc_k, diag scale_k^2) for K components as one matrix product per chunk of queries:
-    ``features(z) @ weight + bias`` ((Q, K)) plus ``row(z)`` ((Q,)), the quadratic expansion
+    ``matrix(features(z))`` = features @ weight + bias ((Q, K)) plus a row term ((Q,)), the quadratic expansion
     sum_d (z_d - m_d)^2 / s_d^2 = (z^2) . (1/s^2) - 2 z . (m/s^2) + sum_d m_d^2/s_d^2.
 
     With one scale shared by every component and dimension (the exemplar prior's ``variance="shared"``, an
@@ -60,23 +60,23 @@ class LinearForm:
         self.dtype = dtype
 
     def features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the queries' features, (Q,) row term) of ``z`` (Q, D)."""
+        """(the queries' features, (Q,) row term) of ``z`` (Q, D), for ``matrix``."""
         z = z.to(self.dtype)
         if self.isotropic:
             return z, -0.5 * z.pow(2).sum(-1) * self.inv_var
         return torch.cat([z * z, z], -1), z.new_zeros(z.shape[0])
 
-    def scores(self, z: torch.Tensor, components: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """((Q, K') matrix for the ``components``, (Q,) row term) whose sum is the log-density matrix."""
-        features, row = self.features(z)
-        return torch.addmm(self.bias[components], features, self.weight[:, components]), row
+    def matrix(self, features: torch.Tensor, components: slice = slice(None)) -> torch.Tensor:
+        """(Q, K') log-densities of the ``components`` up to the row term: one ``addmm``."""
+        return torch.addmm(self.bias[components], features, self.weight[:, components])
 
 
 def gaussian_log_density_matrix(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(z_q; loc_k, diag scale_k^2) for every query q (Q, D) and component k (K, D): shape (Q, K)."""
     dtype = torch.promote_types(z.dtype, loc.dtype)  # float64 queries (diagnostics) against float32 encodings
-    matrix, row = LinearForm(loc, scale, dtype).scores(z)
-    return matrix + row[:, None]
+    form = LinearForm(loc, scale, dtype)
+    features, row = form.features(z)
+    return form.matrix(features) + row[:, None]
 
 
 class GaussianMixture(dist.MixtureSameFamily):
@@ -131,7 +131,7 @@ class GaussianMixture(dist.MixtureSameFamily):
             total = None
             for first in range(0, num_components, width):
                 block = slice(first, first + width)
-                matrix = torch.addmm(form.bias[block], features, form.weight[:, block])
+                matrix = form.matrix(features, block)
                 if not shared:
                     matrix = matrix + log_w[rows % num_points, block]  # last batch dim varies fastest
                 part = logsumexp_rows(matrix)

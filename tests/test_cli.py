@@ -158,11 +158,14 @@ def test_bench_evaluation_reevaluates_a_trained_pair_of_a_run(tiny_run):
     assert "1 process(es)" in result.stdout
 
 
+# the tiny config with the exemplar prior on its scalable (cached) path
+SCALABLE_EXEMPLAR = (TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-exemplar"]')
+                     .replace("hidden = [16]", 'hidden = [16]\nexemplar_path = "scalable"\nexemplar_neighbors = 2\n'
+                                               "exemplar_subset = 20"))
+
+
 def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpoint(tmp_path):
-    config = (TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae-exemplar"]')
-              .replace("hidden = [16]", 'hidden = [16]\nexemplar_path = "scalable"\nexemplar_neighbors = 2\n'
-                                        "exemplar_subset = 20"))
-    (tmp_path / "ex.toml").write_text(config)
+    (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR.replace('["vae", "vae-exemplar"]', '["vae-exemplar"]'))
     assert vae_priors("run", "ex.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=tmp_path).returncode == 0
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert history.prior_error.notna().all()  # measured at the end of every epoch of the run
@@ -176,10 +179,7 @@ def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpo
 
 
 def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):
-    config = (TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-exemplar"]')
-              .replace("hidden = [16]", 'hidden = [16]\nexemplar_path = "scalable"\nexemplar_neighbors = 2\n'
-                                        "exemplar_subset = 20"))
-    (tmp_path / "ex.toml").write_text(config)
+    (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR)
     result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--rounds", "1",
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr

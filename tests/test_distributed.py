@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,18 +83,25 @@ class _Call(nn.Module):
 STEP_CONFIG = SVIConfig(epochs=2, batch_size=7, lr=0.05, clip_norm=0.5, patience=10)
 
 
-def _fit_and_save(rank: int, world: int, port: int, out: str) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """This spawned process as rank ``rank`` of a gloo group of ``world`` on the loopback ``port``, one thread."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _fit_and_save(rank: int, world: int, port: int, out: str) -> None:
+    with process_group(rank, world, port):
         data = _tiny_digits()
         pair = _delta_pair(data)
         result = fit(pair, data, STEP_CONFIG, seed=3, progress=False)
         torch.save({"params": {k: v.clone() for k, v in pair.model.state_dict().items()},
                     "history": result.history}, Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_process_steps_equal_one_process_steps_on_the_global_batch(tmp_path):
@@ -114,15 +123,10 @@ def test_two_process_steps_equal_one_process_steps_on_the_global_batch(tmp_path)
 
 
 def _evaluate_and_save(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         data = _tiny_digits()
         evaluation = evaluate(_delta_pair(data), data.test, num_particles=3)
         torch.save(evaluation.weights, Path(out) / f"eval{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_process_evaluation_gathers_every_test_point_in_order(tmp_path):

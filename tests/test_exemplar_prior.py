@@ -4,7 +4,6 @@ exact leave-one-out mixture (brute force), the cache renewal, and equal caches o
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.test_distributed import _free_port, _tiny_digits
+from tests.test_distributed import _free_port, _tiny_digits, process_group
 from tests.test_mixture_priors import LinearEncoder, brute_force_mixture
 from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.registry import get_variant
@@ -123,10 +122,7 @@ def test_fit_records_the_scalable_priors_error_in_the_history():
 
 
 def _fit_and_keep_state(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         pyro.set_rng_seed(0)
         data = _tiny_digits(train=40)
         data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
@@ -142,8 +138,6 @@ def _fit_and_keep_state(rank: int, world: int, port: int, out: str) -> None:
         fit(pair, data, SVIConfig(epochs=2, batch_size=7), seed=1, progress=False)  # uneven shards: 4 + 3
         states.append([t.clone() for t in (prior._loc, prior._scale, prior._table)])
         torch.save(states, Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

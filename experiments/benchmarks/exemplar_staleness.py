@@ -34,18 +34,11 @@ from vae_priors.experiments.runs.layout import build_pair, load_run
 from vae_priors.experiments.runtime import set_threads
 from vae_priors.experiments.training.objectives import make_elbo
 from vae_priors.experiments.training.svi import mean_elbo, svi_step
+from vae_priors.models.mixture_distributions import gaussian_log_density_matrix
 
 
-def _mean_error(estimate: torch.Tensor, exact: torch.Tensor) -> str:
-    error = estimate - exact
+def _mean_error(error: torch.Tensor) -> str:
     return f"|err| {error.abs().mean().item():6.3f}  mean {error.mean().item():7.3f}"
-
-
-@torch.no_grad()
-def _estimates(prior, index: torch.Tensor, z: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    parts = [prior._estimate(part, refine=False, generator=rng).log_prob(z[i * 64 : (i + 1) * 64])
-             for i, part in enumerate(index.split(64))]
-    return torch.cat(parts)
 
 
 def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
@@ -79,23 +72,23 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
         rng = torch.Generator().manual_seed(seed + 1)
         index = torch.randperm(n, generator=rng)[:points]
         z = loc[index] + scale[index] * torch.randn(points, loc.shape[1], generator=rng)
-        exact = prior.mixture(index, loc, scale).log_prob(z)
         s = prior._component_scale(loc[:1])[0, 0].item() if prior.variance == "shared" else math.nan
         print(f"{run_dir.name}: epoch {saved['state']['epoch']} + {steps} steps, N = {n}, k = {prior.neighbors}, "
               f"M = {prior.subset}, {points} points, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+        exact = prior.mixture(index, loc, scale).log_prob(z)
         stale = prior.mixture(index, prior._loc, prior._scale).log_prob(z)
-        print(f"  cached, all N                       {_mean_error(stale, exact)}")
-        print(f"  estimator                           {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        print(f"  cached, all N                       {_mean_error(stale - exact)}")
+        print(f"  estimator                           {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
         cached = prior._loc, prior._scale
         prior._loc, prior._scale = loc, scale
-        print(f"  current components, same table      {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        print(f"  current components, same table      {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
         d2 = torch.cdist(loc[index], loc).pow(2)
         d2[torch.arange(points), index] = math.inf
         nearest = d2.topk(prior.neighbors, largest=False).indices
         recall = (prior._table[index][:, :, None] == nearest[:, None, :]).any(-1).double().mean().item()
         table = prior._table[index].clone()
         prior._table[index] = nearest
-        print(f"  current components, exact kNN head  {_mean_error(_estimates(prior, index, z, rng), exact)}")
+        print(f"  current components, exact kNN head  {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
         prior._table[index] = table
         prior._loc, prior._scale = cached
         weights = torch.cat([_responsibilities(prior, loc, scale, z[i : i + 64], index[i : i + 64])
@@ -118,8 +111,6 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
 def _responsibilities(prior, loc: torch.Tensor, scale: torch.Tensor, z: torch.Tensor,
                       index: torch.Tensor) -> torch.Tensor:
     """Each component's share of the exact leave-one-out mixture at z: (points, N)."""
-    from vae_priors.models.mixture_distributions import gaussian_log_density_matrix
-
     dens = gaussian_log_density_matrix(z, loc, prior._component_scale(scale))
     dens[torch.arange(len(index)), index] = -math.inf
     return dens.softmax(-1)

@@ -30,8 +30,11 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from vae_priors.experiments.config import ModelConfig
+from vae_priors.experiments.config import load as load_config
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.registry import get_variant
+from vae_priors.experiments.runs.layout import build_pair, load_run_data
+from vae_priors.experiments.training.svi import fit
 from vae_priors.models.plate import subsample
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "binarized_mnist" / "binarized_mnist.npz"
@@ -140,10 +143,6 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
 def epoch_cost(config_path: Path, epochs: int, rounds: int) -> None:
     """Whole epochs through ``fit`` (steps, validation, the prior's ``end_epoch``) of ``vae`` and ``vae-exemplar``
     under a run config, taking turns ``rounds`` times; the median epoch seconds and their ratio."""
-    from vae_priors.experiments.config import load as load_config
-    from vae_priors.experiments.runs.layout import build_pair, load_run_data
-    from vae_priors.experiments.training.svi import fit
-
     config = load_config(config_path)
     data = load_run_data(config.data)
     svi = dataclasses.replace(config.svi, epochs=epochs, patience=epochs + 1)

@@ -177,6 +177,9 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
     :param checkpoint: file to write after every epoch (everything needed to resume: nets, optimizer,
         epoch, early-stopping state, RNG states, history); with ``resume=True`` training continues from it.
     :param progress: show a tqdm bar; by default only when stderr is a terminal.
+
+    After each epoch's validation, every module of the pair with an ``end_epoch()`` method is called (the exemplar
+    prior renews its cache there); the numbers it returns join that epoch's row of the history.
     :raises NonFiniteLossError: on a NaN/inf loss; the checkpoint of the last good epoch is kept.
     """
     if isinstance(config, RunConfig):
