@@ -6,7 +6,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from vae_priors.experiments.diagnostics.distribution_batches import cat_batch, map_batch, shared_component
+from vae_priors.experiments.diagnostics.distribution_batches import (
+    batch_tensors,
+    cat_batch,
+    map_batch,
+    shared_component,
+)
 from vae_priors.models.mixture_distributions import GaussianMixture
 
 
@@ -42,3 +47,20 @@ def test_shared_component_is_found_only_when_every_member_is_equal():
     different = dist.Normal(torch.arange(10.0).reshape(5, 2), torch.ones(5, 2)).to_event(1)
     assert shared_component(same).batch_shape == torch.Size([1])
     assert shared_component(different) is None
+
+
+def test_a_shared_row_joined_from_chunks_stays_one_expanded_row():
+    """Chunks of a prior shared by every point join without materializing N copies of its K logits."""
+    g = torch.Generator().manual_seed(2)
+    mixture = GaussianMixture(torch.randn(1, 7, generator=g), torch.randn(7, 3, generator=g),
+                              torch.rand(7, 3, generator=g) + 0.5)
+    chunks = [mixture.expand((4,)), mixture.expand((3,))]
+    joined = cat_batch(chunks)
+    logits = batch_tensors(joined)[0]
+    assert joined.batch_shape == torch.Size([7]) and logits.stride(0) == 0
+    z = torch.randn(5, 7, 3, generator=g)
+    torch.testing.assert_close(joined.log_prob(z), mixture.log_prob(z[..., None, :]).squeeze(-1).expand(5, 7))
+    assert shared_component(joined).batch_shape == torch.Size([1])
+    different = [mixture.expand((2,)), GaussianMixture(torch.randn(1, 7, generator=g), mixture.loc,
+                                                      mixture.scale).expand((2,))]
+    assert batch_tensors(cat_batch(different))[0].stride(0) != 0  # unequal rows are copied, not shared

@@ -98,9 +98,27 @@ def cat_batch(parts: list[Distribution]) -> Distribution:
         return parts[0]
     cls, first, fixed = _parts(parts[0])
     args = [_parts(d)[1] for d in parts]
-    new = {k: cat_batch([a[k] for a in args]) if isinstance(v, Distribution) else torch.cat([a[k] for a in args])
+    new = {k: cat_batch([a[k] for a in args]) if isinstance(v, Distribution) else _cat_rows([a[k] for a in args])
            for k, v in first.items()}
     return cls(**new, **fixed)
+
+
+def _is_broadcast_row(t: torch.Tensor) -> bool:
+    """True for one row expanded along the batch axis (stride 0): every member shares it without a copy."""
+    return t.ndim > 0 and (t.shape[0] <= 1 or t.stride(0) == 0)
+
+
+def _cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along the batch axis, except that parts which all expand one same row stay one expanded row.
+
+    A prior shared by every point (e.g. the exemplar prior's N-component mixture in evaluation mode) arrives as an
+    expanded (B, K) view per chunk; joined by ``torch.cat`` the chunks of N points would hold N x K numbers.
+    """
+    first = tensors[0]
+    if all(_is_broadcast_row(t) and t.shape[1:] == first.shape[1:] for t in tensors) and all(
+            t.shape[0] == 0 or torch.equal(t[:1], first[:1]) for t in tensors):
+        return first[:1].expand(sum(t.shape[0] for t in tensors), *first.shape[1:])
+    return torch.cat(tensors)
 
 
 def batch_tensors(d: Distribution) -> list[torch.Tensor]:
@@ -110,8 +128,8 @@ def batch_tensors(d: Distribution) -> list[torch.Tensor]:
 
 def shared_component(d: Distribution) -> Distribution | None:
     """The first component (batch of 1) if every component of ``d`` is identical, else None."""
-    try:
-        same = all(bool((t == t[:1]).all()) for t in batch_tensors(d))
+    try:  # an expanded row is equal to itself without comparing N copies
+        same = all(_is_broadcast_row(t) or bool((t == t[:1]).all()) for t in batch_tensors(d))
     except TypeError:
         return None
     return map_batch(d, lambda t: t[:1]) if same else None

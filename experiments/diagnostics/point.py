@@ -48,6 +48,7 @@ class PointDiagnostics:
     elbo: np.ndarray  # (N,) mean of the S log weights
     kl: np.ndarray  # (N,) KL(q(z|x_n) || p(z)), analytic where torch's KL registry has the pair
     kl_analytic: bool
+    kl_draws: int  # Monte Carlo draws per point for ``kl`` (0 where analytic)
     kl_per_dim: np.ndarray | None  # (N, D) where prior and guide factorize
     kl_prior_standard: np.ndarray | None  # (N,) conditional pairs: KL(p(z|x_n) || N(0, I))
     kl_prior_guide: np.ndarray | None  # (N,) conditional pairs: KL(p(z|x_n) || q(z|x_n,y_n))
@@ -77,13 +78,15 @@ def _standard_normal_like(p: torch.distributions.Distribution) -> dist.Distribut
 def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tensor, ...], num_particles: int = 1000,
                       seed: int = 0, max_elements: int = DEFAULT_MAX_ELEMENTS, guide: nn.Module | None = None,
                       local_refit_steps: int = 500, kl_draws: int = 256, batch_size: int = 4096,
-                      hole_draws: int = 200) -> PointDiagnostics:
+                      hole_draws: int = 200, kl_max_evaluations: int | None = None) -> PointDiagnostics:
     """Per-point diagnostics on ``split`` with ``num_particles`` importance samples per point.
 
     Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
     no site holds more than ``max_elements`` numbers (``vae_priors.experiments.evaluation.log_weights``).
 
     :param split: a ``Split``, or the points themselves: a tensor x (N, D), or ``(x, y)`` for a conditional pair.
+    :param kl_draws, kl_max_evaluations: Monte Carlo draws per point for KLs without a closed form, and the budget
+        that lowers them (``aggregate.point_kl``).
     """
     split = as_split(split)
     guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
@@ -95,16 +98,17 @@ def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tens
     smoothed, khat = arviz_adapter.psis(log_w.T.cpu().numpy())
     q = posterior_components(guide, args, batch_size)
     p = prior_components(pair.model, guide, args, batch_size)
-    kl, per_dim, analytic, _ = point_kl(q, p, kl_draws, seed, max_elements)
+    kl, per_dim, analytic, _, used_draws = point_kl(q, p, kl_draws, seed, max_elements, kl_max_evaluations)
     kl_standard = kl_prior_guide = holes = None
     if pair.conditional:
-        kl_standard = point_kl(p, _standard_normal_like(p), kl_draws, seed, max_elements).kl.cpu().numpy()
-        kl_prior_guide = point_kl(p, q, kl_draws, seed, max_elements).kl.double().cpu().numpy()
+        kl_standard = point_kl(p, _standard_normal_like(p), kl_draws, seed, max_elements,
+                               kl_max_evaluations).kl.cpu().numpy()
+        kl_prior_guide = point_kl(p, q, kl_draws, seed, max_elements, kl_max_evaluations).kl.double().cpu().numpy()
         holes = conditional_hole_share(p, q, hole_draws, seed, max_elements)
     return PointDiagnostics(
         log_lik_is=(torch.logsumexp(log_w, 0) - log_s).cpu().numpy(),
         log_lik_psis=np.logaddexp.reduce(smoothed, axis=1) - log_s, khat=khat,
-        elbo=log_w.mean(0).cpu().numpy(), kl=kl.double().cpu().numpy(), kl_analytic=analytic,
+        elbo=log_w.mean(0).cpu().numpy(), kl=kl.double().cpu().numpy(), kl_analytic=analytic, kl_draws=used_draws,
         kl_per_dim=None if per_dim is None else per_dim.double().cpu().numpy(),
         kl_prior_standard=kl_standard, kl_prior_guide=kl_prior_guide, conditional_hole_share=holes,
         num_particles=num_particles, guide=guide, note=note)
