@@ -100,7 +100,12 @@ class GaussianMixture(dist.MixtureSameFamily):
         # validate_args=False: a check of the expanded (B, K, D) view would materialize it
         components = dist.Normal(loc.expand(batch + loc.shape[1:]), scale.expand(batch + loc.shape[1:]),
                                  validate_args=False).to_event(1)
-        super().__init__(dist.Categorical(logits=logits), components, validate_args=validate_args)
+        if logits.shape[0] > 1 and logits.stride(0) == 0:  # one row for the whole batch (an expanded view):
+            # Categorical normalizes its logits, which would copy B x K numbers (50 000^2 for the exemplar prior)
+            mixing = dist.Categorical(logits=logits[:1]).expand(logits.shape[:1])
+        else:
+            mixing = dist.Categorical(logits=logits)
+        super().__init__(mixing, components, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(GaussianMixture, _instance)

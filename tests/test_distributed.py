@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 import pyro.distributions as dist
@@ -21,10 +23,14 @@ import torch.multiprocessing as mp
 from test_cli import TINY as CLI_TINY
 from torch import nn
 
-from vae_priors.experiments.config import SVIConfig
+from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, binarize, load_digits
+from vae_priors.experiments.diagnostics.aggregate import aggregate_diagnostics
+from vae_priors.experiments.diagnostics.amortization import amortization_gap
+from vae_priors.experiments.diagnostics.point import point_diagnostics
 from vae_priors.experiments.evaluation.importance import evaluate
-from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.registry import Pair, get_variant
+from vae_priors.experiments.training.distributed import rank_seed
 from vae_priors.experiments.training.svi import fit
 from vae_priors.models.plate import data_plate
 
@@ -143,6 +149,59 @@ def test_two_process_evaluation_gathers_every_test_point_in_order(tmp_path):
     assert expected.log_lik.std(1).min() > 0  # distinct points: a wrong order would show
 
 
+def _diagnostics_pair(variant: str = "vae") -> tuple[Pair, Dataset]:
+    data = _tiny_digits(train=40)
+    torch.manual_seed(0)
+    return get_variant(variant).factory(data, ModelConfig(latent_dim=3, hidden=[16], num_pseudo_inputs=5),
+                                        "bernoulli"), data
+
+
+def _diagnostics(pair: Pair, data: Dataset, seed: int) -> dict:
+    """Point diagnostics (9 test points), aggregate diagnostics (40 training points) and the amortization gap."""
+    points = point_diagnostics(pair, data.test, num_particles=20, seed=seed, kl_draws=16)
+    aggregate = aggregate_diagnostics(pair, data.train, num_samples=300, seed=seed, kl_draws=16)
+    gap = amortization_gap(pair, data.test, steps=5, num_particles=10, seed=seed)
+    return {"points": {k: v for k, v in vars(points).items() if isinstance(v, np.ndarray)},
+            "aggregate": aggregate.summary(), "gap": gap}
+
+
+def _diagnose_and_save(rank: int, world: int, port: int, out: str, variant: str) -> None:
+    with process_group(rank, world, port):
+        torch.save(_diagnostics(*_diagnostics_pair(variant), seed=4), Path(out) / f"diagnostics{rank}.pt")
+
+
+@pytest.mark.parametrize("variant", ["vae", "vae-vamp"])
+def test_two_process_diagnostics_are_the_one_process_numbers_of_each_shard(tmp_path, variant):
+    """Each rank diagnoses its share of the points (test 5 + 4, training 20 + 20) with its own stream: every
+    per-point array is what one process computes on that shard with that rank's seed, gathered in order, on both
+    ranks. The aggregate numbers with a closed-form KL (N(0, I) prior) use the same q_agg and prior draws on every
+    rank, so they equal one process's; with the VampPrior's Monte Carlo KL only the draws of rank 1's half differ."""
+    mp.spawn(_diagnose_and_save, args=(2, _free_port(), str(tmp_path), variant), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"diagnostics{r}.pt", weights_only=False) for r in range(2)]
+    pair, data = _diagnostics_pair(variant)
+    halves = [data.test.subset(slice(0, 5)), data.test.subset(slice(5, 9))]
+    seeds = [4, rank_seed(4, 1, -1)]
+    runs = list(zip(halves, seeds, strict=True))
+    shards = [point_diagnostics(pair, half, num_particles=20, seed=s, kl_draws=16) for half, s in runs]
+    for name, value in got[0]["points"].items():
+        expected = np.concatenate([getattr(shard, name) for shard in shards])
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-9, err_msg=name)
+        np.testing.assert_array_equal(got[1]["points"][name], value)
+    assert got[0]["points"]["log_lik_is"].std() > 0  # distinct points: a wrong order would show
+    one = _diagnostics(pair, data, seed=4)
+    same = ["mean_kl", "kl_qagg_p", "kl_p_qagg", "prior_hole_share", "mutual_info_direct", "active_units",
+            "mutual_info_direct_se"]  # a standard error of paired differences: draws out of order would show
+    if variant == "vae-vamp":  # Monte Carlo KL(q_n || p): rank 1's 20 points drew other z
+        same = [k for k in same if k not in ("mean_kl",)]
+        assert got[0]["aggregate"]["mean_kl"] != one["aggregate"]["mean_kl"]
+        assert abs(got[0]["aggregate"]["mean_kl"] - one["aggregate"]["mean_kl"]) < 5 * one["aggregate"]["mean_kl_se"]
+    for key in same:
+        for rank in range(2):
+            assert got[rank]["aggregate"][key] == pytest.approx(one["aggregate"][key], rel=1e-9, abs=1e-9), key
+    gaps = [amortization_gap(pair, half, steps=5, num_particles=10, seed=s)[0] for half, s in runs]
+    assert got[0]["gap"][0] == pytest.approx((5 * gaps[0] + 4 * gaps[1]) / 9, rel=1e-5)
+
+
 TINY = CLI_TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-local-guide"]')
 
 
@@ -182,6 +241,33 @@ def test_a_two_process_torchrun_run_matches_the_one_process_run_and_writes_one_d
     pd.testing.assert_frame_equal(single[exact], double[exact])
     for column, tolerance in (("test_elbo", 0.02), ("test_log_lik", 0.02), ("best_elbo", 0.1)):
         assert (single[column] - double[column]).abs().max() < tolerance, column
+
+
+def test_diagnose_under_torchrun_repeats_itself_and_matches_one_process_where_the_draws_are_shared(tmp_path):
+    """``torchrun ... diagnose`` twice on copies of one 2-process run gives the same diagnostics.csv (same seed, same
+    W); one process gives the same numbers wherever they have a closed form or use draws every rank shares (the
+    aggregate KLs and hole share of the N(0, I) prior), and only rank 0 prints or writes."""
+    (tmp_path / "tiny.toml").write_text(TINY.replace('["vae", "vae-local-guide"]', '["vae"]'))
+    made = _vae_priors(TORCHRUN, "run", "tiny.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    for copy in ("a", "b", "one"):
+        shutil.copytree(tmp_path / "run", tmp_path / copy)
+    for copy in ("a", "b"):
+        result = _vae_priors(TORCHRUN, "diagnose", copy, "--quiet", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("all columns") == 1  # rank 0 alone
+    result = _vae_priors(["-m"], "diagnose", "one", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a, b, one = (pd.read_csv(tmp_path / copy / "diagnostics.csv") for copy in ("a", "b", "one"))
+    pd.testing.assert_frame_equal(a, b)
+    shared = ["mean_kl", "kl_qagg_p", "kl_p_qagg", "prior_hole_share", "mutual_info_direct",
+              "mutual_info_direct_se", "active_units"]
+    pd.testing.assert_frame_equal(a[shared], one[shared], rtol=1e-9)
+    assert a.log_lik.iloc[0] != one.log_lik.iloc[0]  # rank 1 drew its own importance samples
+    assert not [p for p in tmp_path.glob("*/.diagnostics-*")]  # no work folder left behind
+    again = _vae_priors(TORCHRUN, "diagnose", "a", "--quiet", cwd=tmp_path)
+    assert again.returncode != 0 and "already has diagnostics" in again.stderr  # refused on every rank, no hang
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "diagnostics.csv"), b)
 
 
 def test_resume_under_torchrun_continues_bit_for_bit(tmp_path):

@@ -58,6 +58,7 @@ def test_a_shared_row_joined_from_chunks_stays_one_expanded_row():
     joined = cat_batch(chunks)
     logits = batch_tensors(joined)[0]
     assert joined.batch_shape == torch.Size([7]) and logits.stride(0) == 0
+    assert joined.mixture_distribution.logits.stride(0) == 0  # not normalized row by row into a copy
     z = torch.randn(5, 7, 3, generator=g)
     torch.testing.assert_close(joined.log_prob(z), mixture.log_prob(z[..., None, :]).squeeze(-1).expand(5, 7))
     assert shared_component(joined).batch_shape == torch.Size([1])

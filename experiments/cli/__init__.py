@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     diag.add_argument("--variants", help="comma-separated variants to diagnose (default: every trained one)")
     _import_option(diag)
     diag.add_argument("--overwrite", action="store_true", help="replace existing diagnostics outputs")
+    diag.add_argument("--threads", type=int, help="torch threads for this process (default: the run's threads "
+                      "setting, else the available cores divided by the processes torchrun starts on this machine)")
     diag.add_argument("--quiet", action="store_true")
     diag.set_defaults(func=_command("diagnose", "command_diagnose"))
     data = sub.add_parser("data", help="data sets: download and verify")

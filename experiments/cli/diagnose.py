@@ -23,14 +23,29 @@ def format_diagnostics(table: pd.DataFrame) -> str:
 
 
 def command_diagnose(args: argparse.Namespace) -> int:
+    """Under ``torchrun --nproc_per_node=W`` the ranks share the work (``runs.diagnose``); rank 0 writes and prints."""
+    from vae_priors.experiments import config as configs
     from vae_priors.experiments.runs.diagnose import diagnose_run
+    from vae_priors.experiments.runtime import set_threads
+    from vae_priors.experiments.training import distributed
 
     if args.particles is not None and args.particles <= 0:
         raise UsageError(f"--particles must be > 0 (importance draws per test point), got {args.particles}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be > 0 (torch threads for this process), got {args.threads}")
+    config_path = Path(args.run_dir) / "config.toml"
+    config = configs.load(config_path) if config_path.is_file() else None  # diagnose_run names a missing one
+    set_threads(args.threads or (config.threads if config else 0))
     progress = not args.quiet and sys.stderr.isatty()
     variants = None if args.variants is None else variant_names(args.variants)
-    table = diagnose_run(args.run_dir, num_particles=args.particles, variants=variants, imports=args.imports,
-                         overwrite=args.overwrite, progress=progress)
-    print(format_diagnostics(table))
-    print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in {Path(args.run_dir) / 'report.html'}")
+    distributed.init_from_environment(config.svi.device if config else "cpu")  # under torchrun; else a no-op
+    try:
+        table = diagnose_run(args.run_dir, num_particles=args.particles, variants=variants, imports=args.imports,
+                             overwrite=args.overwrite, progress=progress)
+        if distributed.is_main():
+            print(format_diagnostics(table))
+            print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in "
+                  f"{Path(args.run_dir) / 'report.html'}")
+    finally:
+        distributed.shutdown()
     return 0

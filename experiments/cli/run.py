@@ -4,8 +4,8 @@
 with a checkpoint continues from it (bit for bit), the rest are trained; the files are those of a fresh run.
 
 Under ``torchrun --nproc_per_node=W`` every rank trains (``training.distributed``: each its shard of every batch);
-rank 0 alone creates the run directory and writes checkpoints, CSVs and the report, then evaluates and diagnoses
-alone while the other ranks wait for it (the evaluation is not sharded over ranks yet).
+rank 0 alone creates the run directory and writes checkpoints, CSVs and the report; the evaluation and the
+diagnostics are split over all ranks by points (``evaluation.importance``, ``runs.diagnose``).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _command_run(args: argparse.Namespace, config: RunConfig, resume: Path | Non
 
 def _train_only(args: argparse.Namespace, config: RunConfig, run_dir: Path, pairs: dict[str, tuple[Pair, Dataset]],
                 done: dict[str, dict], resume: bool) -> int:
-    """A rank > 0: its part in training and evaluating each variant; rank 0 writes and diagnoses while it waits."""
+    """A rank > 0: its part in training, evaluating and diagnosing each variant; rank 0 alone writes."""
     for name in config.variants:
         if name not in done:
             pair, dataset = pairs[name]
@@ -211,6 +211,10 @@ def _train_only(args: argparse.Namespace, config: RunConfig, run_dir: Path, pair
                 resume=resume and checkpoint.is_file(), name=name, progress=False)
             evaluate(pair, dataset.test.to(config.svi.device), config.eval.num_particles,
                      config.eval.local_refit_steps, seed=config.seed)  # its share of the test points
+    if config.diagnose and not args.no_diagnose:
+        from vae_priors.experiments.runs.diagnose import diagnose_run
+
+        diagnose_run(run_dir, overwrite=resume)  # its shares; waits for rank 0 to have written the pairs
     distributed.barrier()  # released when rank 0 has written everything
     return 0
 

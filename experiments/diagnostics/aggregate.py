@@ -38,6 +38,7 @@ from vae_priors.experiments.diagnostics.distribution_batches import (
     shared_component,
 )
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training import distributed
 from vae_priors.models.plate import subsample
 
 
@@ -219,6 +220,31 @@ def point_kl(q: Distribution, p: Distribution, num_draws: int = 256, seed: int =
     return PointKL(torch.cat(parts), per_dim, False, float(torch.cat(variances).sum().sqrt() / n), num_draws)
 
 
+def _sharded_point_kl(q: Distribution, p: Distribution, num_draws: int, seed: int, max_elements: int,
+                      max_evaluations: int | None) -> PointKL:
+    """``point_kl`` with the points split over ranks (``training.distributed``); the whole result on every rank."""
+    (n,) = q.batch_shape
+    if not distributed.shards_points(n):
+        return point_kl(q, p, num_draws, seed, max_elements, max_evaluations)
+    mine = distributed.shard_points(n).to(batch_tensors(q)[0].device)
+    budget = None if max_evaluations is None else max_evaluations * len(mine) // n  # one process's draws per point
+    part = point_kl(*(map_batch(d, lambda t: t[mine]) for d in (q, p)), num_draws, distributed.point_seed(seed),
+                    max_elements, budget)
+    # mean_se = sqrt(sum of per-point variances) / n: add the ranks' sums of variances
+    variance_sum = distributed.sum_over_ranks(torch.tensor((part.mean_se * len(mine)) ** 2, dtype=torch.float64))
+    per_dim = None if part.per_dim is None else distributed.gather_rows(part.per_dim, n)
+    return PointKL(distributed.gather_rows(part.kl, n), per_dim, part.analytic, float(variance_sum.sqrt()) / n,
+                   part.num_draws)
+
+
+def _sharded_log_q_agg(z: torch.Tensor, components: Distribution, chunk_elements: int) -> torch.Tensor:
+    """``log_q_agg`` with the draws ``z`` split over ranks; every rank gets all of them back, in order."""
+    if not distributed.shards_points(z.shape[0]):
+        return log_q_agg(z, components, chunk_elements)
+    mine = distributed.shard_points(z.shape[0]).to(z.device)
+    return distributed.gather_points(log_q_agg(z[mine], components, chunk_elements), z.shape[0])
+
+
 @dataclass
 class AggregateDiagnostics:
     """Aggregate numbers of one pair on one split; ``*_se`` are Monte Carlo standard errors."""
@@ -269,6 +295,11 @@ def aggregate_diagnostics(pair: Pair, split: Split, num_samples: int = 10_000, s
     :param kl_draws, kl_max_evaluations: Monte Carlo draws per point for KL(q_n || p_n) where it has no closed
         form, and the budget that lowers them (``point_kl``).
 
+    Under a process group (torchrun) the work is split over ranks and every rank returns the same numbers: the
+    per-point KLs by points (each rank its share, its own Monte Carlo stream where there is no closed form), and
+    the densities of q_agg and p at the Monte Carlo draws by draws, the draws being the same on every rank. With
+    analytic KLs the numbers are those of one process, to float precision.
+
     Prior-hole share (Rosca et al. 2018): the fraction of prior draws whose log q_agg is below the 1st percentile
     of log q_agg at q_agg's own draws. Active units (Burda et al. 2016): Cov_n(E_q[z_d | x_n]) > ``active_threshold``.
     """
@@ -279,16 +310,18 @@ def aggregate_diagnostics(pair: Pair, split: Split, num_samples: int = 10_000, s
     args = split.tensors()
     q = posterior_components(guide, args, batch_size)
     p = prior_components(pair.model, guide, args, batch_size)
-    kl_n, kl_dims, analytic, mean_kl_se, used_draws = point_kl(q, p, kl_draws, seed, chunk_elements,
-                                                                kl_max_evaluations)
+    kl_n, kl_dims, analytic, mean_kl_se, used_draws = _sharded_point_kl(q, p, kl_draws, seed, chunk_elements,
+                                                                         kl_max_evaluations)
     mean_kl = float(kl_n.double().mean())
     shared = shared_component(p)
     p_agg = p if shared is None else shared
 
+    # every rank draws the same z (same seed); each weighs its share of them against all N components
+    density = lambda z, mixture: _sharded_log_q_agg(z, mixture, chunk_elements)  # noqa: E731
     z_q, _, log_q_own = draw_mixture(q, num_samples, seed)
-    lq_q, lp_q = log_q_agg(z_q, q, chunk_elements), log_q_agg(z_q, p_agg, chunk_elements)
+    lq_q, lp_q = density(z_q, q), density(z_q, p_agg)
     z_p, _, _ = draw_mixture(p_agg, num_samples, seed + 1)
-    lq_p, lp_p = log_q_agg(z_p, q, chunk_elements), log_q_agg(z_p, p_agg, chunk_elements)
+    lq_p, lp_p = density(z_p, q), density(z_p, p_agg)
 
     kl_qagg, kl_qagg_se = _mean_se(lq_q - lp_q)
     kl_pq, kl_pq_se = _mean_se(lp_p - lq_p)

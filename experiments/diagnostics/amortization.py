@@ -22,6 +22,7 @@ from vae_priors.experiments.diagnostics.aggregate import is_diagonal_normal, pos
 from vae_priors.experiments.evaluation.importance import fit_guide_frozen_model
 from vae_priors.experiments.evaluation.log_weights import log_weights
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training import distributed
 from vae_priors.guides.local_normal import LocalNormalGuide
 
 
@@ -45,10 +46,25 @@ def fit_local_guide(pair: Pair, split: Split, steps: int, lr: float = 1e-2, seed
 
 def amortization_gap(pair: Pair, split: Split, steps: int, num_particles: int = 1000,
                      seed: int = 0) -> tuple[float, float]:
-    """(mean gap, its standard error over points) in nats per point: local ELBO - amortized ELBO, same decoder."""
+    """(mean gap, its standard error over points) in nats per point: local ELBO - amortized ELBO, same decoder.
+
+    Under a process group (torchrun) each rank fits and scores its contiguous share of the points (each point's
+    Gaussian is fitted on its own ELBO alone, so the split changes only the random streams, rank 0 keeping ``seed``,
+    and Adam's epsilon) and every rank returns the gap over all of them.
+    """
+    if distributed.shards_points(len(split)):
+        mine = distributed.shard_points(len(split)).to(split.x.device)
+        gap = distributed.gather_points(_point_gaps(pair, split.subset(mine), steps, num_particles,
+                                                    distributed.point_seed(seed)), len(split))
+    else:
+        gap = _point_gaps(pair, split, steps, num_particles, seed)
+    return float(gap.mean()), float(gap.std() / math.sqrt(gap.numel())) if gap.numel() > 1 else math.nan
+
+
+def _point_gaps(pair: Pair, split: Split, steps: int, num_particles: int, seed: int) -> torch.Tensor:
+    """Per point of ``split``: local ELBO - amortized ELBO (float64, shape (N,))."""
     local = fit_local_guide(pair, split, steps, seed=seed)
     pyro.set_rng_seed(seed)
     amortized = log_weights(pair.model, pair.guide, split.tensors(), num_particles).log_w.double().mean(0)
     fitted = log_weights(pair.model, local, split.tensors(), num_particles).log_w.double().mean(0)
-    gap = fitted - amortized
-    return float(gap.mean()), float(gap.std() / math.sqrt(gap.numel())) if gap.numel() > 1 else math.nan
+    return fitted - amortized

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vae_priors.experiments.evaluation.log_weights import log_weights
+from vae_priors.experiments.training import distributed
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]  # z (M, D) -> log s(z) (M,)
 
@@ -32,7 +33,19 @@ def source_log_likelihoods(model: nn.Module, guide: nn.Module, x: torch.Tensor, 
 
     :param x: test points (N, x_dim) of an unconditional pair.
     :param sources: log-densities of the latent sources to score besides the model's own prior.
+
+    Under a process group (torchrun) each rank scores its contiguous share of the points with its own random
+    stream (rank 0 keeps ``seed``), and every rank gets all N back, in order.
     """
+    if distributed.shards_points(x.shape[0]):
+        mine = distributed.shard_points(x.shape[0]).to(x.device)
+        scores = _score(model, guide, x[mine], sources, num_particles, distributed.point_seed(seed))
+        return {name: distributed.gather_points(values, x.shape[0]) for name, values in scores.items()}
+    return _score(model, guide, x, sources, num_particles, seed)
+
+
+def _score(model: nn.Module, guide: nn.Module, x: torch.Tensor, sources: Mapping[str, LogDensity],
+           num_particles: int, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     weights, z = log_weights(model, guide, (x,), num_particles, return_z=True)
     s, n = weights.log_q.shape

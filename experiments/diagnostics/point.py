@@ -34,6 +34,7 @@ from vae_priors.experiments.diagnostics.distribution_batches import map_batch
 from vae_priors.experiments.evaluation.importance import evaluation_guide
 from vae_priors.experiments.evaluation.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
 from vae_priors.experiments.registry import Pair
+from vae_priors.experiments.training import distributed
 
 khat_threshold = arviz_adapter.khat_threshold
 
@@ -84,12 +85,37 @@ def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tens
     Memory: the log weights are (S, N) float32 (three such tensors); the traces are chunked over points so that
     no site holds more than ``max_elements`` numbers (``vae_priors.experiments.evaluation.log_weights``).
 
+    Under a process group (torchrun) with an amortized guide, every number here is per point, so each rank
+    computes its contiguous share of the points with its own random stream (rank 0 keeps ``seed``) and every rank
+    gets all of them back, in order; the KL budget is split in proportion, so each point gets the draws it would
+    get in one process. A per-point guide is evaluated by every rank on all points (its parameters belong to them).
+
     :param split: a ``Split``, or the points themselves: a tensor x (N, D), or ``(x, y)`` for a conditional pair.
     :param kl_draws, kl_max_evaluations: Monte Carlo draws per point for KLs without a closed form, and the budget
         that lowers them (``aggregate.point_kl``).
     """
     split = as_split(split)
     guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
+    settings = dict(num_particles=num_particles, max_elements=max_elements, kl_draws=kl_draws,
+                    batch_size=batch_size, hole_draws=hole_draws)
+    if not distributed.shards_points(len(split)) or not getattr(guide, "amortized", True):
+        numbers = _point_numbers(pair, guide, split, seed=seed, kl_max_evaluations=kl_max_evaluations, **settings)
+    else:  # floor(floor(M n_r / N) / (n_r K)) = floor(M / (N K)): the draws per point of one process
+        mine = distributed.shard_points(len(split)).to(split.x.device)
+        budget = None if kl_max_evaluations is None else kl_max_evaluations * len(mine) // len(split)
+        numbers = _point_numbers(pair, guide, split.subset(mine), seed=distributed.point_seed(seed),
+                                 kl_max_evaluations=budget, **settings)
+        numbers = {k: _gathered(v, len(split)) if isinstance(v, np.ndarray) else v for k, v in numbers.items()}
+    return PointDiagnostics(**numbers, num_particles=num_particles, guide=guide, note=note)
+
+
+def _gathered(values: np.ndarray, num_points: int) -> np.ndarray:
+    return distributed.gather_rows(torch.from_numpy(np.ascontiguousarray(values)), num_points).numpy()
+
+
+def _point_numbers(pair: Pair, guide: nn.Module, split: Split, num_particles: int, seed: int, max_elements: int,
+                   kl_draws: int, batch_size: int, hole_draws: int, kl_max_evaluations: int | None) -> dict:
+    """The per-point fields of ``PointDiagnostics`` for the points of ``split`` (numpy arrays, rows = points)."""
     args = split.tensors()
     pyro.set_rng_seed(seed)
     weights = log_weights(pair.model, guide, args, num_particles, max_elements)
@@ -102,16 +128,15 @@ def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tens
     kl_standard = kl_prior_guide = holes = None
     if pair.conditional:
         kl_standard = point_kl(p, _standard_normal_like(p), kl_draws, seed, max_elements,
-                               kl_max_evaluations).kl.cpu().numpy()
+                               kl_max_evaluations).kl.double().cpu().numpy()
         kl_prior_guide = point_kl(p, q, kl_draws, seed, max_elements, kl_max_evaluations).kl.double().cpu().numpy()
         holes = conditional_hole_share(p, q, hole_draws, seed, max_elements)
-    return PointDiagnostics(
+    return dict(
         log_lik_is=(torch.logsumexp(log_w, 0) - log_s).cpu().numpy(),
-        log_lik_psis=np.logaddexp.reduce(smoothed, axis=1) - log_s, khat=khat,
+        log_lik_psis=np.logaddexp.reduce(smoothed, axis=1) - log_s, khat=np.asarray(khat, dtype=np.float64),
         elbo=log_w.mean(0).cpu().numpy(), kl=kl.double().cpu().numpy(), kl_analytic=analytic, kl_draws=used_draws,
         kl_per_dim=None if per_dim is None else per_dim.double().cpu().numpy(),
-        kl_prior_standard=kl_standard, kl_prior_guide=kl_prior_guide, conditional_hole_share=holes,
-        num_particles=num_particles, guide=guide, note=note)
+        kl_prior_standard=kl_standard, kl_prior_guide=kl_prior_guide, conditional_hole_share=holes)
 
 
 @torch.no_grad()

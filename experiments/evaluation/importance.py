@@ -96,11 +96,10 @@ def evaluate(pair: Pair, split: Split, num_particles: int = 1000, local_refit_st
     and evaluated by every rank on all points (its parameters belong to the points).
     """
     guide, note = evaluation_guide(pair, split, local_refit_steps=local_refit_steps, seed=seed)
-    rank, size = distributed.world()
-    if size == 1 or not getattr(pair.guide, "amortized", True):
+    if not distributed.shards_points(len(split)) or not getattr(pair.guide, "amortized", True):
         pyro.set_rng_seed(seed)
         return Evaluation(log_weights(pair.model, guide, split.tensors(), num_particles), guide, note)
-    pyro.set_rng_seed(seed if rank == 0 else distributed.rank_seed(seed, rank, -1))
+    pyro.set_rng_seed(distributed.point_seed(seed))
     mine = distributed.shard_points(len(split)).to(split.x.device)
     weights = log_weights(pair.model, guide, split.tensors(mine), num_particles)
     gathered = [distributed.gather_points(t, len(split)) for t in (weights.log_q, weights.log_p_z, weights.log_lik)]

@@ -11,6 +11,12 @@ Per-point numbers (log p(x), PSIS k-hat, ELBO, KL) are on the test split; the ag
 training encodings (q_agg is the code the decoder was trained on). Outputs are built in a hidden temporary
 directory and moved into place at the end, so a failure leaves the previous outputs (or none) untouched, and
 existing outputs are only replaced with ``overwrite=True``.
+
+Under torchrun (``torchrun --nproc_per_node=W vae-priors diagnose RUN_DIR``, or the end of a ``run``) every rank
+runs ``diagnose_run``: the per-point work (log weights, PSIS k-hat, KLs, the latent-source scores, the amortization
+gap) is split over ranks by test or training points, the q_agg densities by Monte Carlo draws, and rank 0 alone
+writes the outputs (``training.distributed``). Ranks > 0 draw their own Monte Carlo noise, so the numbers are
+reproducible for a given W; those with a closed form or shared draws equal one process's.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from vae_priors.experiments.runs.layout import (
     read_pointwise,
     write_findings,
 )
+from vae_priors.experiments.training import distributed
 
 OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
 NUM_GENERATED = 1000  # decoded samples per source for the sample scores
@@ -299,17 +306,29 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
     :raises FileExistsError: if diagnostics outputs exist and ``overwrite`` is False (nothing is changed).
     """
     run_dir = Path(run_dir)
+    main = distributed.is_main()
+    problem = None
+    if main:  # rank 0 decides, and tells the other ranks before they start work they would wait in
+        try:
+            check_outputs(run_dir, overwrite)
+        except FileExistsError as err:
+            problem = str(err)
+    problem = distributed.from_main(problem)
+    if problem:
+        raise FileExistsError(problem)
     config, data = load_run(run_dir, imports or [])
-    check_outputs(run_dir, overwrite)
     names = _variants(run_dir, config, variants)
     num_particles = num_particles or config.eval.num_particles
     cache = Path(cache_dir) if cache_dir else run_dir.parent / ".vae-priors-cache"
-    work = Path(tempfile.mkdtemp(dir=run_dir, prefix=".diagnostics-"))
+    # Ranks > 0 compute their shares of every diagnostic and build their own throw-away page elsewhere: one code
+    # path, so every rank reaches the same collectives in the same order; only rank 0's work is published.
+    work = Path(tempfile.mkdtemp(dir=run_dir if main else None, prefix=".diagnostics-"))
     work.chmod(0o777 & ~UMASK)  # mkdtemp creates 0700; the outputs are for people to read
     try:
-        classifier, classifier_note = load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
+        classifier, classifier_note = (load_or_train_classifier(data.plain.train, cache, data.plain.name, config.seed)
+                                       if main else (None, "computed by rank 0"))
         rows, sections, elpds, pairs, generation = [], [], {}, {}, []
-        bar = tqdm(names, desc="diagnostics", disable=not progress)
+        bar = tqdm(names, desc="diagnostics", disable=not (progress and main))
         for name in bar:
             bar.set_postfix_str(name)
             with plots.labelled(f"{name} on {data.plain.name} ({run_dir.name})"):
@@ -346,12 +365,14 @@ def diagnose_run(run_dir: str | Path, num_particles: int | None = None, variants
                     f"sum over the {len(data.plain.test)} test points of {target}"),
                     "az.compare on the sum over test points of the PSIS-smoothed importance-sampled estimate "
                     f"(not leave-one-out cross-validation); {num_particles} draws per point"))
-        intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
-        found = write_findings(run_dir, read_pointwise(run_dir, names), *generation)
-        page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons, found)
-        _publish(work, run_dir / "diagnostics")
-        write_csv(run_dir / "diagnostics.csv", table)
-        write_text(run_dir / "report.html", page)
+        if main:
+            intro = _intro(run_dir, config, data, num_particles, classifier, classifier_note)
+            found = write_findings(run_dir, read_pointwise(run_dir, names), *generation)
+            page = report.render(f"Diagnostics: {run_dir.name}", intro, table, COLUMNS, sections, comparisons,
+                                 found)
+            _publish(work, run_dir / "diagnostics")
+            write_csv(run_dir / "diagnostics.csv", table)
+            write_text(run_dir / "report.html", page)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return table

@@ -153,6 +153,27 @@ def gather_points(value: torch.Tensor, num_points: int) -> torch.Tensor:
     return torch.cat([part[..., :n] for part, n in zip(parts, sizes, strict=True)], -1).to(device)
 
 
+def gather_rows(value: torch.Tensor, num_points: int) -> torch.Tensor:
+    """``gather_points`` for per-point rows: every rank's ``value`` (its shard's points, ...) joined along axis 0."""
+    if world()[1] == 1:
+        return value
+    return gather_points(value.movedim(0, -1), num_points).movedim(-1, 0)
+
+
+def shards_points(num_points: int) -> bool:
+    """Whether per-point work over ``num_points`` is split over ranks: under a process group, with a point for
+    every rank (fewer points than ranks: every rank computes all of them, as one process would)."""
+    size = world()[1]
+    return size > 1 and num_points >= size
+
+
+def point_seed(seed: int) -> int:
+    """The seed of this rank's share of per-point Monte Carlo work: ``seed`` on rank 0 (a one-process run's
+    numbers for its points), a distinct stream on every other rank so that no two shards share their noise."""
+    rank = world()[0]
+    return seed if rank == 0 else rank_seed(seed, rank, -1)
+
+
 def replicate(objective: nn.Module) -> nn.Module:
     """The module to run the forward pass through: DDP around ``objective`` under a process group, else itself.
 
