@@ -20,7 +20,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vae_priors.experiments.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError, describe, main
+from vae_priors.experiments.cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    Terminated,
+    UsageError,
+    describe,
+    main,
+)
 
 TINY = """
 seed = 3
@@ -224,9 +233,11 @@ def test_a_killed_run_resumed_gives_the_metrics_of_an_uninterrupted_run(workdir)
         assert (run / name).is_file(), name
 
 
-def test_ctrl_c_keeps_the_checkpoint_prints_the_resume_command_and_exits_130(workdir):
-    process, out = stop_mid_run(workdir, "interrupted", signal.SIGINT)
-    assert process.returncode == EXIT_INTERRUPTED
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_keeps_the_checkpoint_prints_the_resume_command_and_exits_130_or_143(workdir, sig, status):
+    process, out = stop_mid_run(workdir, f"interrupted-{sig.name}", sig)
+    assert process.returncode == status
     stderr = process.stderr.read()
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("vae-priors: interrupted:") and f"`vae-priors run --resume {out}`" in stderr
@@ -234,6 +245,29 @@ def test_ctrl_c_keeps_the_checkpoint_prints_the_resume_command_and_exits_130(wor
     result = vae_priors("run", "--resume", out, "--threads", "1", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert_same_results(workdir / out, workdir / "full")
+
+
+def test_sigterm_during_diagnose_leaves_no_work_folder_and_the_old_outputs_as_they_were(workdir):
+    """``diagnose --overwrite`` builds its outputs in a hidden folder; SIGTERM (a scheduler, torchrun stopping the
+    other ranks) unwinds like Ctrl-C, so the folder goes and the previous outputs stay."""
+    run = copy_run(workdir, "diagnosed")
+    assert vae_priors("diagnose", str(run), "--quiet", cwd=workdir).returncode == 0
+    before = (run / "diagnostics.csv").read_bytes()
+    for _ in range(4):  # the tiny diagnose may end before the signal lands: then try again
+        process = subprocess.Popen(command("diagnose", str(run), "--overwrite", "--quiet"), cwd=workdir,
+                                   env=environment(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not list(run.glob(".diagnostics-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        if process.returncode != 0:
+            break
+        before = (run / "diagnostics.csv").read_bytes()  # it finished: its outputs are the ones to keep
+    assert process.returncode == EXIT_TERMINATED, process.stderr.read()
+    assert process.stderr.read().strip() == "vae-priors: interrupted: stopped by SIGTERM"
+    assert not list(run.glob(".diagnostics-*")) and not list(run.glob(".diagnostics.old-*"))
+    assert (run / "diagnostics.csv").read_bytes() == before
 
 
 def test_resuming_a_finished_run_changes_no_number(workdir):
@@ -252,6 +286,7 @@ def test_resuming_a_finished_run_changes_no_number(workdir):
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), EXIT_USAGE, ["UTF-8"]),
     (EOFError("Ran out of input"), EXIT_USAGE, ["truncated", "VAE_PRIORS_DEBUG=1"]),
     (KeyboardInterrupt(), EXIT_INTERRUPTED, ["Ctrl-C"]),
+    (Terminated(), EXIT_TERMINATED, ["SIGTERM"]),
     (ZeroDivisionError("division by zero"), EXIT_FAILURE, ["unexpected ZeroDivisionError", "VAE_PRIORS_DEBUG=1"]),
     (UsageError("bad\nflag"), EXIT_USAGE, ["bad flag"]),
 ])

@@ -19,7 +19,9 @@ import argparse
 import importlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 
 BENCHMARKS = ("diagnostics", "evaluation", "exemplar-staleness", "mixture-prior", "svi")
@@ -105,20 +107,37 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one command, and turn any failure into one line on stderr (the traceback with VAE_PRIORS_DEBUG=1).
 
-    Exit status: 0 done, 2 bad input (arguments, config, data or run files), 1 any other failure, 130 Ctrl-C.
+    Exit status: 0 done, 2 bad input (arguments, config, data or run files), 1 any other failure, 130 Ctrl-C,
+    143 SIGTERM (``kill``, a scheduler, or torchrun stopping the other ranks when one fails).
     """
     args = parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the same `finally` blocks remove half-made outputs (a diagnostics work
+    # folder, a temporary file) instead of the process vanishing mid-write.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as err:
         if os.environ.get("VAE_PRIORS_DEBUG"):
             raise
         message, status = describe(err)
-        print(f"vae-priors: {'interrupted' if status == EXIT_INTERRUPTED else 'error'}: {message}", file=sys.stderr)
+        stopped = status in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+        print(f"vae-priors: {'interrupted' if stopped else 'error'}: {message}", file=sys.stderr)
         return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 DEBUG_HINT = "rerun with VAE_PRIORS_DEBUG=1 to see the traceback"
 
 
@@ -146,6 +165,8 @@ def describe(err: BaseException) -> tuple[str, int]:
 
 
 def _classify(err: BaseException) -> tuple[str, int]:
+    if isinstance(err, Terminated):
+        return "stopped by SIGTERM", EXIT_TERMINATED
     if isinstance(err, KeyboardInterrupt):
         return "stopped by Ctrl-C", EXIT_INTERRUPTED
     if _is(err, "vae_priors.experiments.training.svi", "NonFiniteLossError"):
