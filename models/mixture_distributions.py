@@ -121,8 +121,9 @@ class GaussianMixture(dist.MixtureSameFamily):
         num_points, num_components = self.point_logits.shape
         if shape[-1] != num_points and num_points != 1:
             raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
-        log_w = self.point_logits - self.point_logits.logsumexp(-1, keepdim=True)
         shared = num_points == 1 or self.point_logits.stride(0) == 0  # one row of weights: into the bias
+        logits = self.point_logits[:1] if shared else self.point_logits  # an expanded row is normalized once
+        log_w = logits - logits.logsumexp(-1, keepdim=True)
         dtype = torch.promote_types(queries.dtype, self.loc.dtype)
         form = LinearForm(self.loc, self.scale, dtype, log_w[0] if shared else None)
         # blocks of queries x components (about 1024 x 4096 by default): a tall, thin product over all K at once
