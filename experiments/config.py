@@ -46,6 +46,8 @@ class ModelConfig:
     exemplar_neighbors: int = 10  # scalable path: k nearest exemplars kept exactly per point
     exemplar_subset: int = 512  # scalable path: random exemplars per step standing for the rest (BENCHMARKS.md)
     exemplar_refresh_points: int = 0  # scalable path: re-encode the cache after this many points (0 = per epoch)
+    exemplar_drift: str = "none"  # scalable path: none | affine (carry the cache by a map fitted on fresh batches)
+    exemplar_drift_batches: int = 3  # scalable path, affine drift: recent batches the map is fitted on
 
 
 @dataclass
@@ -123,12 +125,13 @@ CHOICES = {
     ("model", "pseudo_inputs"): ("data", "reference"),
     ("model", "exemplar_variance"): ("encoder", "shared"),
     ("model", "exemplar_path"): ("auto", "exact", "scalable"),
+    ("model", "exemplar_drift"): ("none", "affine"),
     ("svi", "objective"): ("trace", "meanfield", "iwae"),
     ("svi", "device"): ("cpu", "cuda"),
 }
 POSITIVE = [("model", "latent_dim"), ("model", "num_pseudo_inputs"), ("svi", "num_particles"), ("svi", "epochs"),
             ("svi", "batch_size"), ("svi", "lr"), ("svi", "clip_norm"), ("svi", "patience"),
-            ("eval", "num_particles")]
+            ("eval", "num_particles"), ("model", "exemplar_drift_batches")]
 
 
 def check(config: RunConfig) -> RunConfig:

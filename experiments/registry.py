@@ -166,7 +166,8 @@ def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
     if path == "auto":
         path = "exact" if len(data.train) <= cfg.exemplar_exact_max else "scalable"
     prior = ExemplarPrior(guide, data.train.x, cfg.exemplar_variance, path, cfg.exemplar_neighbors,
-                          cfg.exemplar_subset, cfg.exemplar_refresh_points)
+                          cfg.exemplar_subset, cfg.exemplar_refresh_points, drift=cfg.exemplar_drift,
+                          drift_batches=cfg.exemplar_drift_batches)
     return _vae(data, cfg, likelihood, prior, guide)
 
 

@@ -56,6 +56,22 @@ def test_a_training_step_writes_the_guides_encodings_of_its_batch_into_the_cache
     assert not torch.equal(prior._loc[index], before_loc[index]), "the step moved nothing: the check proves nothing"
 
 
+def test_with_affine_drift_a_step_stores_its_batch_in_the_anchor_frame_and_the_map_brings_it_back():
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    pair = _scalable_pair(data, exemplar_drift="affine")
+    prior, x = pair.model.prior, data.train.x
+    _step(pair, x, torch.arange(5))  # builds the cache: its means are the anchor
+    anchor = prior._anchor.clone()
+    index = torch.arange(10, 30)
+    with torch.no_grad():
+        expected = pair.guide.encode(x[index]).base_dist
+    _step(pair, x, index)
+    assert prior._map is not None and torch.equal(prior._anchor, anchor)  # the anchor frame stays put
+    torch.testing.assert_close(prior._current(prior._loc[index]), expected.loc, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prior._scale[index], expected.scale)
+
+
 def test_encodings_of_other_inputs_than_the_stored_exemplars_are_not_written_back():
     pyro.set_rng_seed(0)
     data = _tiny_digits(train=40)
@@ -97,6 +113,29 @@ def test_end_epoch_error_is_the_stale_cache_against_the_exact_leave_one_out_mixt
     assert prior.end_epoch()["prior_error"] < 1e-4  # fresh cache, exact tail: nothing left to report
 
 
+def test_an_exactly_affine_drift_is_followed_exactly():
+    """A linear encoder whose weight changes moves every mean by one linear map: fitted on a batch's fresh means,
+    the affine drift correction carries the whole cache to the current means, so the estimate (tail over all N)
+    is the exact leave-one-out mixture again, where the uncorrected cache is off by more than 0.1 nats."""
+    torch.manual_seed(0)
+    n, change = 12, torch.tensor([[1.3, 0.4], [-0.2, 0.9]])
+    x = torch.randn(n, 2)
+    errors = {}
+    for drift in ("none", "affine"):
+        prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=2, subset=n, track_points=n,
+                              drift=drift).train()
+        prior.refresh()
+        with torch.no_grad():
+            prior.guide.linear.weight.copy_(change)
+            batch = torch.tensor([1, 4, 6, 9])  # more pairs than the 2 + 1 unknowns per latent dimension
+            fresh = prior.guide.encode(x[batch]).base_dist
+        if drift == "affine":
+            prior._follow(batch, fresh.loc, fresh.scale)
+            torch.testing.assert_close(prior._current(prior._loc), x @ change.T, atol=1e-5, rtol=1e-5)
+        errors[drift] = prior.end_epoch()["prior_error"]
+    assert errors["none"] > 0.1 and errors["affine"] < 1e-4, errors
+
+
 def test_end_epoch_reports_the_error_of_a_head_that_misses_the_near_exemplars():
     """Two far clusters; every table row points into the other cluster and the tail is small, so the estimate
     misses nearly all of the mixture's mass: the reported error must be large and negative."""
@@ -121,12 +160,12 @@ def test_fit_records_the_scalable_priors_error_in_the_history():
     assert "prior_error" not in exact.history.columns  # nothing is estimated on the exact path
 
 
-def _fit_and_keep_state(rank: int, world: int, port: int, out: str) -> None:
+def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str) -> None:
     with process_group(rank, world, port):
         pyro.set_rng_seed(0)
         data = _tiny_digits(train=40)
         data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
-        pair = _scalable_pair(data)
+        pair = _scalable_pair(data, exemplar_drift=drift)
         prior = pair.model.prior
         states, end_epoch = [], prior.end_epoch
 
@@ -142,8 +181,9 @@ def _fit_and_keep_state(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="this torch build has no torch.distributed with the gloo backend")
-def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path):
-    mp.spawn(_fit_and_keep_state, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("drift", ["none", "affine"])
+def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path, drift):
+    mp.spawn(_fit_and_keep_state, args=(2, _free_port(), str(tmp_path), drift), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for state0, state1 in zip(*ranks, strict=True):
         for a, b in zip(state0, state1, strict=True):

@@ -1,6 +1,6 @@
 """Where the scalable exemplar prior's error comes from, at a point of a real training run (issue 7).
 
-    vae-priors bench exemplar-staleness RUN_DIR [--steps 100] [--points 256]
+    vae-priors bench exemplar-staleness RUN_DIR [--steps 100] [--points 256] [--drift none|affine]
 
 Loads the ``vae-exemplar`` checkpoint of a run (``RUN_DIR/checkpoints/vae-exemplar.pt``: the nets and the
 optimizer at the end of its last finished epoch), rebuilds the cache from the current encoder (three neighbour
@@ -41,8 +41,10 @@ def _mean_error(error: torch.Tensor) -> str:
     return f"|err| {error.abs().mean().item():6.3f}  mean {error.mean().item():7.3f}"
 
 
-def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
+def run(run_dir: Path, steps: int, points: int, seed: int, drift: str | None = None) -> None:
     config, data = load_run(run_dir)
+    if drift is not None:  # follow the encoder another way than the run did, from the same checkpoint
+        config.model.exemplar_drift = drift
     pair, dataset = build_pair(config, data, "vae-exemplar")
     prior = pair.model.prior
     if prior.path != "scalable":
@@ -76,11 +78,12 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
         print(f"{run_dir.name}: epoch {saved['state']['epoch']} + {steps} steps, N = {n}, k = {prior.neighbors}, "
               f"M = {prior.subset}, {points} points, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
         exact = prior.mixture(index, loc, scale).log_prob(z)
-        stale = prior.mixture(index, prior._loc, prior._scale).log_prob(z)
+        stale = prior.mixture(index, prior._current(prior._loc), prior._scale).log_prob(z)
         print(f"  cached, all N                       {_mean_error(stale - exact)}")
         print(f"  estimator                           {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
-        cached = prior._loc, prior._scale
-        prior._loc, prior._scale = loc, scale
+        stored = prior._loc, prior._scale, prior._map
+        cached = prior._current(prior._loc)
+        prior._loc, prior._scale, prior._map = loc, scale, None  # the current encodings need no map
         print(f"  current components, same table      {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
         d2 = torch.cdist(loc[index], loc).pow(2)
         d2[torch.arange(points), index] = math.inf
@@ -90,14 +93,14 @@ def run(run_dir: Path, steps: int, points: int, seed: int) -> None:
         prior._table[index] = nearest
         print(f"  current components, exact kNN head  {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
         prior._table[index] = table
-        prior._loc, prior._scale = cached
+        prior._loc, prior._scale, prior._map = stored
         weights = torch.cat([_responsibilities(prior, loc, scale, z[i : i + 64], index[i : i + 64])
                              for i in range(0, points, 64)])
         shares = [weights.topk(k, -1).values.sum(-1).mean().item() for k in (1, 10, 100)]
-        moved = (cached[0] - loc).norm(dim=1).mean().item()
+        moved = (cached - loc).norm(dim=1).mean().item()
         print(f"  table recall@{prior.neighbors} {recall:.2f}; mixture share of the 1 / 10 / 100 largest components "
               f"{shares[0]:.2f} / {shares[1]:.2f} / {shares[2]:.2f}; shared scale s = {s:.3f}; means moved "
-              f"{moved:.3f} = {moved / s:.2f} s over the {steps} steps")
+              f"{moved:.3f} = {moved / s:.2f} s from the cached ones ({prior.drift} drift) after {steps} steps")
     start = time.perf_counter()
     mean_elbo(objective, dataset.val)
     validation = time.perf_counter() - start
@@ -123,9 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--drift", choices=("none", "affine"), help="how the cache follows the encoder (default: "
+                        "the run's model.exemplar_drift)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    run(args.run_dir, args.steps, args.points, args.seed)
+    run(args.run_dir, args.steps, args.points, args.seed, args.drift)
 
 
 if __name__ == "__main__":
