@@ -131,6 +131,13 @@ def test_diagnose_on_a_directory_that_is_not_a_run_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "not a run directory" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--threads", "--particles"])
+def test_diagnose_refuses_a_count_that_is_not_positive_in_one_line(tmp_path, flag):
+    result = vae_priors("diagnose", str(tmp_path), flag, "0", cwd=tmp_path)
+    assert result.returncode == 2 and f"{flag} must be > 0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_findings_command_recomputes_the_paired_findings_from_pointwise_files_alone(tiny_run):
     cwd, _ = tiny_run
     written = pd.read_csv(cwd / "run" / "findings.csv")
