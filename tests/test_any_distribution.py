@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from vae_priors.experiments.diagnostics.aggregate import aggregate_diagnostics, point_kl
+from vae_priors.experiments.diagnostics.aggregate import aggregate_diagnostics
 from vae_priors.experiments.diagnostics.point import point_diagnostics
+from vae_priors.experiments.diagnostics.point_kl import point_kl
 from vae_priors.experiments.registry import get_variant
 from vae_priors.models.plate import data_plate
 

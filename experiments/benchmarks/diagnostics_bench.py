@@ -24,11 +24,11 @@ from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import (
     aggregate_diagnostics,
-    point_kl,
     posterior_components,
     prior_components,
 )
 from vae_priors.experiments.diagnostics.generation import generate, latent_samplers
+from vae_priors.experiments.diagnostics.point_kl import point_kl
 from vae_priors.experiments.evaluation.log_weights import log_weights
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.reporting import plots

@@ -29,8 +29,9 @@ from torch import nn
 
 from vae_priors.experiments.data.datasets import Split, as_split
 from vae_priors.experiments.diagnostics import arviz_adapter
-from vae_priors.experiments.diagnostics.aggregate import point_kl, posterior_components, prior_components
+from vae_priors.experiments.diagnostics.aggregate import posterior_components, prior_components
 from vae_priors.experiments.diagnostics.distribution_batches import map_batch
+from vae_priors.experiments.diagnostics.point_kl import point_kl
 from vae_priors.experiments.evaluation.importance import evaluation_guide
 from vae_priors.experiments.evaluation.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
 from vae_priors.experiments.registry import Pair
@@ -92,7 +93,7 @@ def point_diagnostics(pair: Pair, split: Split | torch.Tensor | tuple[torch.Tens
 
     :param split: a ``Split``, or the points themselves: a tensor x (N, D), or ``(x, y)`` for a conditional pair.
     :param kl_draws, kl_max_evaluations: Monte Carlo draws per point for KLs without a closed form, and the budget
-        that lowers them (``aggregate.point_kl``).
+        that lowers them (``point_kl.point_kl``).
     """
     split = as_split(split)
     guide, note = evaluation_guide(pair, split, guide, local_refit_steps, seed)
