@@ -50,15 +50,15 @@ class ExemplarPrior(_MixtureOfPosteriors):
     carries about half of the mixture at z, so a missed neighbour costs much. Gradients reach the encoder through
     z and the shared scale, not through the cached exemplars.
 
-    ``drift="affine"`` follows the encoder between refreshes with one affine map. Most of what the means do in an
-    epoch is a common affine motion (the exemplar prior leaves the latent frame free: shifting, rotating or scaling
-    every code, s included, changes nothing the ELBO sees); measured at epoch 40 of the MNIST run, a map fitted on
-    all N removes 69-77 % of it. The cache then keeps its rows in the frame of the last refresh (the anchor), each
-    step fits [mu_anchor, 1] @ W ~ mu_fresh by least squares on the fresh means of the last ``drift_batches``
-    batches, stores this batch's fresh means pulled back into the anchor frame, and the estimate uses the cached
-    means carried forward by W. The fit comes after the step's estimate (one semantics with and without DDP).
-    Measured (BENCHMARKS.md section 2): the cache gets closer at a late checkpoint, but a real MNIST run tracked
-    the exact mixture worse than with ``"none"`` and trained to a worse validation ELBO; hence not the default.
+    ``drift="affine"`` tries to follow the encoder between refreshes with one affine map, because the exemplar
+    prior leaves the latent frame free (shifting, rotating or scaling every code, s included, changes nothing the
+    ELBO sees). The cache keeps its rows in the frame of the last refresh (the anchor), each step fits
+    [mu_anchor, 1] @ W ~ mu_fresh by least squares on the fresh means of the last ``drift_batches`` batches,
+    stores this batch's fresh means pulled back into the anchor frame, and the estimate uses the cached means
+    carried forward by W. The fit comes after the step's estimate (one semantics with and without DDP).
+    Measured (BENCHMARKS.md section 2): at a late MNIST checkpoint the cache is closer for the first ~100 steps
+    and twice as far off as plain write-back after an epoch (each step's map moves every row, exact ones too), and
+    a real run tracked the exact mixture worse and trained to a worse validation ELBO; hence not the default.
 
     Under torch.distributed every rank holds the same cache and table: each step all-gathers the ranks'
     written-back encodings and updated table rows, and the sweeps draw from a generator shared by the ranks.
