@@ -97,6 +97,9 @@ def process_group(rank: int, world: int, port: int) -> Iterator[None]:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
+        # every rank done with its last collective before any tears down gloo's connections (a rank that closed
+        # them early once aborted the other with "terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

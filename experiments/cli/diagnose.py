@@ -46,6 +46,7 @@ def command_diagnose(args: argparse.Namespace) -> int:
             print(format_diagnostics(table))
             print(f"\nall columns: {Path(args.run_dir) / 'diagnostics.csv'}; explained in "
                   f"{Path(args.run_dir) / 'report.html'}")
+        distributed.barrier()  # all ranks done before gloo's connections close (not on failure: it would wait)
     finally:
         distributed.shutdown()
     return 0
