@@ -60,6 +60,9 @@ class SVIConfig:
     clip_norm: float = 10.0
     patience: int = 15  # epochs without a better validation ELBO before stopping
     warmup_epochs: int = 0  # KL weight beta rises linearly from 1/warmup to 1 over these epochs
+    # Training-time budget per variant, in minutes of its epochs (their "seconds" in history.csv, resumed ones
+    # included): training stops after the first epoch that ends past it and keeps the best state. inf = none.
+    max_minutes: float = math.inf
     device: str = "cpu"  # cpu | cuda
 
 
@@ -131,7 +134,7 @@ CHOICES = {
 }
 POSITIVE = [("model", "latent_dim"), ("model", "num_pseudo_inputs"), ("svi", "num_particles"), ("svi", "epochs"),
             ("svi", "batch_size"), ("svi", "lr"), ("svi", "clip_norm"), ("svi", "patience"),
-            ("eval", "num_particles"), ("model", "exemplar_drift_batches")]
+            ("svi", "max_minutes"), ("eval", "num_particles"), ("model", "exemplar_drift_batches")]
 
 
 def check(config: RunConfig) -> RunConfig:

@@ -109,6 +109,27 @@ def test_resuming_a_fit_that_stopped_early_trains_no_further_epoch(digits300, sm
         assert torch.equal(value, _state(again)[name]), name
 
 
+def test_a_time_budget_stops_at_an_epoch_end_and_equals_the_run_with_that_many_epochs(
+        digits300, small_model_config, tmp_path):
+    """max_minutes stops after the first epoch that ends past the budget (here: any epoch), keeps the best state,
+    says so in stopped_by, and the state equals a run told to train that many epochs; a resume of the stopped
+    checkpoint adds no epoch (the budget counts the recorded epochs, not this process's clock)."""
+    build = lambda: (pyro.set_rng_seed(5), get_variant("vae").factory(digits300, small_model_config, "bernoulli"))[1]  # noqa: E731
+    budget = SVIConfig(epochs=5, batch_size=100, lr=1e-2, patience=10, max_minutes=1e-9)
+    timed = build()
+    result = fit(timed, digits300, budget, seed=1, checkpoint=tmp_path / "c.pt")
+    assert len(result.history) == 1 and result.stopped_by == "time"
+    counted = build()
+    by_epochs = fit(counted, digits300, SVIConfig(**{**budget.__dict__, "max_minutes": math.inf, "epochs": 1}), seed=1)
+    assert by_epochs.stopped_by == "epochs"
+    for name, value in _state(counted).items():
+        assert torch.equal(value, _state(timed)[name]), name
+    again = build()
+    resumed = fit(again, digits300, SVIConfig(**{**budget.__dict__, "max_minutes": 1e-6}), seed=1,
+                  checkpoint=tmp_path / "c.pt", resume=True)
+    assert len(resumed.history) == 1 and resumed.stopped_by == "time"
+
+
 def test_a_checkpoint_of_another_pair_is_refused_in_one_line(digits300, small_model_config, tmp_path):
     pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
     fit(pair, digits300, FAST, checkpoint=tmp_path / "c.pt")

@@ -51,6 +51,8 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         config.seed = args.seed
     if args.epochs is not None:
         config.svi.epochs = args.epochs
+    if args.max_minutes is not None:
+        config.svi.max_minutes = args.max_minutes
     if args.particles is not None:
         config.eval.num_particles = args.particles
     config.imports = list(dict.fromkeys([*config.imports, *args.imports]))  # recorded in the run's config.toml
@@ -64,6 +66,7 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
 
 # What a resumed run takes from its config.toml and may not change halfway (the results would mix two settings).
 FIXED_BY_RESUME = {"config": "CONFIG", "out": "--out", "seed": "--seed", "epochs": "--epochs",
+                   "max_minutes": "--max-minutes",
                    "particles": "--particles", "variants": "--variants"}
 
 
@@ -235,6 +238,7 @@ def _train_variant(args: argparse.Namespace, config: RunConfig, run_dir: Path, n
         save_torch(evaluation.guide.state_dict(), test_guide_path(run_dir, name))
     row = {"variant": name, "conditional": get_variant(name).conditional, "data": dataset.name,
            "epochs": len(result.history), "best_epoch": result.best_epoch, "monitor": result.monitor,
+           "stopped_by": result.stopped_by,
            "best_elbo": result.best_elbo, **evaluation.summary(),
            "num_particles": config.eval.num_particles, "fit_seconds": fit_seconds,
            "eval_seconds": time.perf_counter() - start - fit_seconds, "note": evaluation.note}

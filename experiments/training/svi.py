@@ -47,6 +47,7 @@ class FitResult:
     best_epoch: int
     best_elbo: float  # the monitored ELBO per point at best_epoch
     monitor: str  # "val_elbo", or "train_elbo" for a non-amortized guide (no parameters for val points)
+    stopped_by: str = "epochs"  # "epochs" (svi.epochs reached), "patience" (early stopping) or "time" (max_minutes)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -207,8 +208,10 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
         state = _load_checkpoint(checkpoint, objective, optimizer, shuffle, device)
     show = sys.stderr.isatty() if progress is None else progress
     first_epoch = state["epoch"]
-    # A checkpoint written after early stopping has nothing left to train: resuming it must not add an epoch.
-    last_epoch = first_epoch if state["wait"] >= config.patience else config.epochs
+    # A checkpoint written after early stopping or past the time budget has nothing left to train: resuming it must
+    # not add an epoch.
+    stopped_by = _stop_reason(state, config)
+    last_epoch = first_epoch if stopped_by != "epochs" else config.epochs
     bar = tqdm(range(first_epoch, last_epoch), desc=name or "fit", disable=not show, leave=False)
     for epoch in bar:
         start, beta, train_total = time.perf_counter(), _beta(config, epoch), 0.0
@@ -258,9 +261,19 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
         if checkpoint is not None and rank == 0:  # one file, written by rank 0 (the others hold the same state)
             save_torch({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
                          "rng": _rng_state(shuffle), "state": state}, checkpoint)
-        if state["wait"] >= config.patience:
+        stopped_by = distributed.from_main(_stop_reason(state, config))  # rank 0's clock decides for all ranks
+        if stopped_by != "epochs":
             break
     bar.close()
     if state["best_state"] is not None:
         objective.load_state_dict(state["best_state"])
-    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_elbo"], monitor)
+    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_elbo"], monitor, stopped_by)
+
+
+def _stop_reason(state: dict, config: SVIConfig) -> str:
+    """Why training must stop now ("patience" or "time"), or "epochs" when only the epoch limit ends it."""
+    if state["wait"] >= config.patience:
+        return "patience"
+    if sum(row["seconds"] for row in state["history"]) >= 60.0 * config.max_minutes:
+        return "time"
+    return "epochs"
