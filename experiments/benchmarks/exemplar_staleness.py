@@ -60,6 +60,7 @@ def run(run_dir: Path, steps: int, points: int, seed: int, drift: str | None = N
     prior.refresh()
     for _ in range(2):
         prior.refresh(prior._loc, prior._scale)
+    anchor = prior._loc.clone()  # the refresh's encodings, before any write-back
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     times = []
     for i in range(steps):
@@ -81,6 +82,11 @@ def run(run_dir: Path, steps: int, points: int, seed: int, drift: str | None = N
         stale = prior.mixture(index, prior._current(prior._loc), prior._scale).log_prob(z)
         print(f"  cached, all N                       {_mean_error(stale - exact)}")
         print(f"  estimator                           {_mean_error(prior.estimate_error(index, z, loc, scale, rng))}")
+        # the refresh's components (no write-back), as they are and moved by each scored point's own drift since
+        drift = loc[index] - anchor[index]
+        at_refresh = prior.mixture(index, anchor, scale)
+        print(f"  refresh-time components, all N      {_mean_error(at_refresh.log_prob(z) - exact)}")
+        print(f"  the same, moved by the point's drift {_mean_error(at_refresh.log_prob(z - drift) - exact)}")
         stored = prior._loc, prior._scale, prior._map
         cached = prior._current(prior._loc)
         prior._loc, prior._scale, prior._map = loc, scale, None  # the current encodings need no map
@@ -97,10 +103,13 @@ def run(run_dir: Path, steps: int, points: int, seed: int, drift: str | None = N
         weights = torch.cat([_responsibilities(prior, loc, scale, z[i : i + 64], index[i : i + 64])
                              for i in range(0, points, 64)])
         shares = [weights.topk(k, -1).values.sum(-1).mean().item() for k in (1, 10, 100)]
+        others = loc[nearest] - anchor[nearest]  # the drift of each point's k nearest exemplars
+        apart = (others - drift[:, None]).norm(dim=-1).mean().item() / drift.norm(dim=-1).mean().item()
         moved = (cached - loc).norm(dim=1).mean().item()
         print(f"  table recall@{prior.neighbors} {recall:.2f}; mixture share of the 1 / 10 / 100 largest components "
               f"{shares[0]:.2f} / {shares[1]:.2f} / {shares[2]:.2f}; shared scale s = {s:.3f}; means moved "
-              f"{moved:.3f} = {moved / s:.2f} s from the cached ones ({prior.drift} drift) after {steps} steps")
+              f"{moved:.3f} = {moved / s:.2f} s from the cached ones ({prior.drift} drift) after {steps} steps; "
+              f"a neighbour's drift differs from the point's by {apart:.2f} of the point's")
     start = time.perf_counter()
     mean_elbo(objective, dataset.val)
     validation = time.perf_counter() - start

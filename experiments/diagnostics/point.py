@@ -32,6 +32,7 @@ from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import posterior_components, prior_components
 from vae_priors.experiments.diagnostics.distribution_batches import map_batch
 from vae_priors.experiments.diagnostics.point_kl import point_kl
+from vae_priors.experiments.evaluation.comparisons import standard_error
 from vae_priors.experiments.evaluation.importance import evaluation_guide
 from vae_priors.experiments.evaluation.log_weights import DEFAULT_MAX_ELEMENTS, log_weights
 from vae_priors.experiments.registry import Pair
@@ -64,7 +65,7 @@ class PointDiagnostics:
         return khat_threshold(self.num_particles)
 
     def summary(self) -> dict[str, float]:
-        se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else math.nan  # noqa: E731
+        se = standard_error
         return {"log_lik_is": float(self.log_lik_is.mean()), "log_lik_is_se": se(self.log_lik_is),
                 "log_lik_psis": float(self.log_lik_psis.mean()), "log_lik_psis_se": se(self.log_lik_psis),
                 "elbo": float(self.elbo.mean()), "elbo_se": se(self.elbo), "mean_kl_points": float(self.kl.mean()),

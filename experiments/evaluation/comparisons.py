@@ -66,6 +66,12 @@ class PairedDifference:
         return math.copysign(math.inf, self.mean) if self.mean != 0 else 0.0
 
 
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of per-point ``values`` (NaN for fewer than two points)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray) -> PairedDifference:
     """Mean and standard error of ``a - b`` over points (the same points, in the same order, in both)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -74,8 +80,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> PairedDifference:
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("paired scores contain NaN or infinite values")
     d = a - b
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
-    return PairedDifference(float(d.mean()), se, int(d.size))
+    return PairedDifference(float(d.mean()), standard_error(d), int(d.size))
 
 
 def evidence(diff: PairedDifference) -> str:

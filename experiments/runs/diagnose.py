@@ -31,25 +31,23 @@ import torch
 from tqdm.auto import tqdm
 
 from vae_priors.experiments.config import RunConfig
-from vae_priors.experiments.data.datasets import Dataset, quadrant_masks
 from vae_priors.experiments.diagnostics import arviz_adapter
 from vae_priors.experiments.diagnostics.aggregate import (
     aggregate_diagnostics,
-    log_q_agg,
     posterior_components,
     prior_components,
     sample_q_agg,
 )
 from vae_priors.experiments.diagnostics.amortization import NotDiagonalGaussianGuide, amortization_gap
-from vae_priors.experiments.diagnostics.generation import PriorSampler, generate, latent_samplers, predict, reconstruct
-from vae_priors.experiments.diagnostics.latent_sources import source_log_likelihoods
+from vae_priors.experiments.diagnostics.generation import PriorSampler
 from vae_priors.experiments.diagnostics.point import inference_arrays, point_diagnostics
 from vae_priors.experiments.diagnostics.sample_quality import load_or_train_classifier, score_samples
-from vae_priors.experiments.evaluation.comparisons import Question, findings
+from vae_priors.experiments.evaluation.comparisons import standard_error
 from vae_priors.experiments.evaluation.importance import evaluation_guide
 from vae_priors.experiments.files import UMASK, write_csv, write_text
 from vae_priors.experiments.registry import Pair, get_variant
 from vae_priors.experiments.reporting import plots, report
+from vae_priors.experiments.runs import samples
 from vae_priors.experiments.runs.layout import (
     RunData,
     load_pair,
@@ -61,13 +59,9 @@ from vae_priors.experiments.runs.layout import (
 from vae_priors.experiments.training import distributed
 
 OUTPUTS = ("diagnostics.csv", "diagnostics", "report.html")
-NUM_GENERATED = 1000  # decoded samples per source for the sample scores
 AGG_DRAWS = 10_000  # Monte Carlo draws from q_agg and from p(z) for the aggregate KLs
 PLOT_DRAWS = 2000  # q_agg and p(z) draws shown in the plots and stored in the NetCDF file
 NC_POINTS = 16  # test points whose S draws go into the NetCDF file (all S draws of all points would be S x N x D)
-GEN_POINTS = 1000  # test points scored under each latent source (q_agg costs S x points x N_train)
-GEN_DRAWS = 100  # importance draws per point for those scores
-GRID = 12  # images per row in the sample and reconstruction grids
 GAP_POINTS = 1000  # test points for the amortization gap (each gets its own refitted Gaussian)
 # Monte Carlo KLs (no closed form) evaluate at most this many component densities per split: the VampPrior's
 # K = 500 on MNIST stays at 256 draws per point; a mixture over N = 50 000 training encodings gets 8 to 40.
@@ -111,76 +105,6 @@ def _variants(run_dir: Path, config: RunConfig, requested: list[str] | None) -> 
     return names
 
 
-def _image_rows(dataset: Dataset, data: RunData, config: RunConfig, rows: dict[str, torch.Tensor],
-                x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Flattened full images: for a conditional pair each y is put back next to its visible quadrants x."""
-    if not dataset.conditional:
-        return rows
-    mask = quadrant_masks(data.plain.image_shape, config.data.quadrants)
-    out = {}
-    for label, y in rows.items():
-        full = torch.zeros(y.shape[0], mask.numel())
-        full[:, mask], full[:, ~mask] = x[: y.shape[0]], y
-        out[label] = full
-    return out
-
-
-def generation_findings(pair: Pair, guide, name: str, test_x: torch.Tensor, q_train, gmm, num_particles: int,
-                        seed: int, row: dict) -> pd.DataFrame:
-    """Generate from p(z), q_agg or a GMM? Paired held-out log p_s(x) of each source (``latent_sources``)."""
-    x = test_x[:GEN_POINTS]
-    scores = source_log_likelihoods(pair.model, guide, x, {"q_agg": lambda z: log_q_agg(z, q_train),
-                                                           "gmm": gmm.mixture.log_prob},
-                                    min(num_particles, GEN_DRAWS), seed)
-    for source, values in scores.items():
-        row |= {f"gen_log_lik_{source}": values.mean().item(), f"gen_log_lik_{source}_se": _se(values.numpy())}
-    label = {"prior": f"{name} with z ~ p(z)", "q_agg": f"{name} with z ~ q_agg", "gmm": f"{name} with z ~ GMM"}
-    questions = (Question(f"Generate from p(z) or from q_agg? ({name})", label["q_agg"], label["prior"]),
-                 Question(f"Generate from p(z) or from a GMM on the encodings? ({name})", label["gmm"],
-                          label["prior"]))
-    return findings({label[k]: v.numpy() for k, v in scores.items()}, questions,
-                    measure=f"held-out log p_s(x) of the decoder under latent source s ({len(x)} test points)")
-
-
-def _generation(pair, guide, dataset: Dataset, work: Path, name: str, classifier, seed: int, row: dict,
-                q_train, num_particles: int, found: list[pd.DataFrame]) -> list[report.Plot]:
-    samplers = latent_samplers(pair.model, q_train, dataset.x_dim, seed)
-    found.append(generation_findings(pair, guide, name, dataset.test.x, q_train, samplers["gmm"], num_particles,
-                                     seed, row))
-    decoded = generate(pair.model, samplers, dataset.x_dim, NUM_GENERATED, seed)
-    if classifier is not None:
-        for source, out in decoded.items():
-            scores = score_samples(classifier, out.draw, dataset.test.x)
-            row |= {f"fd_{source}": scores.frechet, f"fd_{source}_se": scores.frechet_se,
-                    f"max_prob_{source}": scores.max_prob, f"max_prob_{source}_se": scores.max_prob_se,
-                    f"coverage_{source}": scores.coverage}
-    if dataset.image_shape is None:
-        return []
-    rows = {f"{s}": d.mean for s, d in decoded.items()}
-    caption = "; ".join(f"{s}: {sampler.description}" for s, sampler in samplers.items())
-    return [report.Plot("Samples from each source (decoder means)", plots.image_rows(
-        rows, dataset.image_shape, work / f"{name}-samples.png", GRID), caption)]
-
-
-def _reconstructions(pair, guide, dataset: Dataset, data: RunData, config: RunConfig, work: Path, name: str,
-                     seed: int) -> list[report.Plot]:
-    shape = data.plain.image_shape
-    if shape is None:
-        return []
-    args = tuple(t[:GRID] for t in dataset.test.tensors())
-    rows = {"data": dataset.test.y[:GRID] if dataset.conditional else args[0],
-            "reconstruction": reconstruct(pair.model, guide, args)}
-    caption = "decoder mean at the mean of q(z|.)"
-    if dataset.conditional:
-        predictions = predict(pair.model, args[0], 3, seed)
-        rows |= {f"prediction {k + 1}": y for k, y in enumerate(predictions)}
-        caption = ("top: test images; reconstruction: z = mean of q(z|x,y), which sees the hidden quadrants; "
-                   "predictions: three draws z ~ p(z|x) from the visible quadrant(s) only (decoder means)")
-    rows = _image_rows(dataset, data, config, rows, args[0])
-    return [report.Plot("Reconstructions" + (" and predictions" if dataset.conditional else ""),
-                        plots.image_rows(rows, shape, work / f"{name}-reconstructions.png", GRID), caption)]
-
-
 def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData, num_particles: int, work: Path,
                      classifier, found: list[pd.DataFrame]) -> tuple[dict, report.VariantSection, object, Pair]:
     """One variant: its CSV row, its report section, its ``ELPDData`` and the loaded pair; its generation
@@ -199,8 +123,8 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
                                 kl_max_evaluations=KL_MAX_EVALUATIONS)
     threshold = arviz_adapter.khat_threshold(num_particles)
     row = {"variant": name, "conditional": spec.conditional, "target": "log p(y|x)" if spec.conditional else "log p(x)",
-           "log_lik": points.log_lik_psis.mean(), "log_lik_se": _se(points.log_lik_psis),
-           "log_lik_is": points.log_lik_is.mean(), "elbo": points.elbo.mean(), "elbo_se": _se(points.elbo),
+           "log_lik": points.log_lik_psis.mean(), "log_lik_se": standard_error(points.log_lik_psis),
+           "log_lik_is": points.log_lik_is.mean(), "elbo": points.elbo.mean(), "elbo_se": standard_error(points.elbo),
            **{k: v for k, v in agg.summary().items() if k not in ("num_points", "num_samples")},
            "latent_dim": len(agg.unit_activity), "khat_above": float((points.khat > threshold).mean()),
            "khat_threshold": threshold, "num_particles": num_particles, "kl_draws_test": points.kl_draws,
@@ -236,9 +160,9 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
             agg.kl_per_dim, work / f"{name}-kl-per-dim.png", agg.unit_activity > 0.01),
             "mean over training points of KL(q(z_d|x) || p(z_d))"))
     if not spec.conditional:
-        figures += _generation(pair, points.guide, dataset, work, name, classifier, seed, row, q_train,
+        figures += samples.generation(pair, points.guide, dataset, work, name, classifier, seed, row, q_train,
                                num_particles, found)
-    figures += _reconstructions(pair, points.guide, dataset, data, config, work, name, seed)
+    figures += samples.reconstructions(pair, points.guide, dataset, data, config, work, name, seed)
     subset = torch.arange(min(NC_POINTS, len(dataset.test)))
     arrays = inference_arrays(pair, dataset.test, subset, num_particles, points.guide, seed)
     held_out = {"log_lik_psis": points.log_lik_psis, "khat": points.khat, "log_lik_is": points.log_lik_is,
@@ -260,10 +184,6 @@ def diagnose_variant(run_dir: Path, name: str, config: RunConfig, data: RunData,
     return row, section, elpd, pair
 
 
-def _se(values) -> float:
-    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-
-
 def _intro(run_dir: Path, config: RunConfig, data: RunData, num_particles: int, classifier, note: str) -> list[str]:
     test = data.plain.test
     lines = [f"Run {run_dir.name}: data {data.plain.name} ({len(data.plain.train)} training / {len(test)} test points, "
@@ -276,9 +196,10 @@ def _intro(run_dir: Path, config: RunConfig, data: RunData, num_particles: int, 
              "and instead of unconditional samples they show predictions next to the truth."]
     if classifier is None:
         return [*lines, f"Sample scores: none ({note})."]
-    reference = score_samples(classifier, data.plain.train.x[:NUM_GENERATED], test.x)
-    return [*lines, f"Sample scores use {NUM_GENERATED} draws x ~ p(x|z) per source and a classifier trained on the "
-            f"training split ({note}). Reference: {min(NUM_GENERATED, len(data.plain.train))} training images score "
+    drawn = samples.NUM_GENERATED
+    reference = score_samples(classifier, data.plain.train.x[:drawn], test.x)
+    return [*lines, f"Sample scores use {drawn} draws x ~ p(x|z) per source and a classifier trained on the "
+            f"training split ({note}). Reference: {min(drawn, len(data.plain.train))} training images score "
             f"FD {reference.frechet:.3g}, max prob {reference.max_prob:.3g}, coverage {reference.coverage:.3g} "
             "against the test split."]
 
