@@ -178,11 +178,11 @@ def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpo
     assert history.prior_error.notna().all()  # measured at the end of every epoch of the run
     result = vae_priors("bench", "exemplar-staleness", "run", "--steps", "3", "--points", "40", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for line in ("cached, all N", "estimator", "current components, same table", "exact kNN head", "recall@2",
-                 "median step"):
+    for line in ("cached, all N", "estimator", "refresh-time components, all N", "moved by the point's drift",
+                 "current components, same table", "exact kNN head", "recall@2", "median step"):
         assert line in result.stdout, line
     errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
-    assert len(errors) == 4 and all(0 <= e < 100 for e in errors)
+    assert len(errors) == 6 and all(0 <= e < 100 for e in errors)
 
 
 def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):
