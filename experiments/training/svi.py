@@ -179,6 +179,10 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
         epoch, early-stopping state, RNG states, history); with ``resume=True`` training continues from it.
     :param progress: show a tqdm bar; by default only when stderr is a terminal.
 
+    Training ends at ``config.epochs``, after ``config.patience`` epochs without a better monitored ELBO (not
+    counted during KL warm-up), or after the first epoch that ends past ``config.max_minutes`` of recorded epoch
+    time; ``FitResult.stopped_by`` says which.
+
     After each epoch's validation, every module of the pair with an ``end_epoch()`` method is called (the exemplar
     prior renews its cache there); the numbers it returns join that epoch's row of the history.
     :raises NonFiniteLossError: on a NaN/inf loss; the checkpoint of the last good epoch is kept.
