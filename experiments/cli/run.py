@@ -65,8 +65,9 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 # What a resumed run takes from its config.toml and may not change halfway (the results would mix two settings).
+# --max-minutes may change: the clock only chooses where training stops, so raising it continues the variants that
+# stopped by time from their checkpoints, as if the run had been given the larger budget from the start.
 FIXED_BY_RESUME = {"config": "CONFIG", "out": "--out", "seed": "--seed", "epochs": "--epochs",
-                   "max_minutes": "--max-minutes",
                    "particles": "--particles", "variants": "--variants"}
 
 
@@ -75,15 +76,18 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     given = [flag for key, flag in FIXED_BY_RESUME.items() if getattr(args, key) is not None]
     if given:
         raise UsageError(f"--resume continues a run with the settings in its config.toml, so it cannot be combined "
-                         f"with {', '.join(given)}; drop them (only --threads, --no-diagnose and --quiet apply), or "
-                         "start a new run for other settings")
+                         f"with {', '.join(given)}; drop them (only --max-minutes, --threads, --no-diagnose and "
+                         "--quiet apply), or start a new run for other settings")
     run_dir = Path(args.resume)
     if not run_dir.is_dir():
         raise UsageError(f"--resume {run_dir}: no such directory; pass a run directory that `vae-priors run` created")
     if not (run_dir / "config.toml").is_file():
         raise UsageError(f"--resume {run_dir}: it has no config.toml, so it is not a run directory that "
                          "`vae-priors run` created (or it failed before writing one: start a new run)")
-    return configs.load(run_dir / "config.toml")
+    config = configs.load(run_dir / "config.toml")
+    if args.max_minutes is not None:
+        config.svi.max_minutes = args.max_minutes
+    return config
 
 
 def _check(config: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -141,7 +145,32 @@ def _finished(run_dir: Path, config: RunConfig) -> tuple[dict[str, dict], dict[s
     if missing:
         raise FileFormatError(f"{run_dir / 'history.csv'} lacks the variants {missing} that metrics.csv lists; delete "
                               "metrics.csv to redo every variant")
-    return rows, {name: history[history.variant == name].reset_index(drop=True) for name in rows}
+    histories = {name: history[history.variant == name].reset_index(drop=True) for name in rows}
+    for name in [name for name, row in rows.items() if row.get("stopped_by") == "time"]:
+        trained = histories[name].seconds.sum() / 60.0
+        if trained >= config.svi.max_minutes:
+            continue
+        if not _checkpoint(run_dir, name).is_file():
+            raise UsageError(f"{name} stopped by its time budget, and the budget is now {config.svi.max_minutes:g} "
+                             f"min, but {_checkpoint(run_dir, name)} is gone, so its training cannot continue; keep "
+                             f"the budget its run had, or start a new run")
+        # Its time budget was raised: it goes on from its checkpoint, and its results are replaced when it ends.
+        if distributed.is_main():
+            print(f"{name}: stopped by time after {trained:.1f} min of training at epoch {len(histories[name])}; the "
+                  f"budget is now {config.svi.max_minutes:g} min, so it continues from its checkpoint (its rows in "
+                  "metrics.csv and history.csv, pointwise/ and pairs/ are replaced when it ends)", file=sys.stderr)
+        del rows[name], histories[name]
+    return rows, histories
+
+
+def _record_budget(run_dir: Path, max_minutes: float) -> None:
+    """Write a budget that ``--resume --max-minutes`` changed into the run's config.toml (a later resume keeps it)."""
+    saved = configs.load(run_dir / "config.toml")
+    if saved.svi.max_minutes != max_minutes:
+        print(f"svi.max_minutes: {saved.svi.max_minutes:g} -> {max_minutes:g} in {run_dir / 'config.toml'}",
+              file=sys.stderr)
+        saved.svi.max_minutes = max_minutes
+        write_text(run_dir / "config.toml", configs.dumps(saved))
 
 
 def _checkpoint(run_dir: Path, name: str) -> Path:
@@ -191,6 +220,8 @@ def _command_run(args: argparse.Namespace, config: RunConfig, resume: Path | Non
     for name, (pair, _) in pairs.items():
         if resume and name not in done and _checkpoint(resume, name).is_file():
             check_checkpoint(pair, config.svi, _checkpoint(resume, name))
+    if resume and args.max_minutes is not None and distributed.is_main():
+        _record_budget(resume, config.svi.max_minutes)
     run_dir = resume or _shared_run_dir(args, config, threads)
     try:
         if not distributed.is_main():
