@@ -278,6 +278,36 @@ def test_resuming_a_finished_run_changes_no_number(workdir):
     assert_same_results(run, workdir / "full")
 
 
+def test_a_raised_time_budget_continues_the_variants_it_stopped_to_the_numbers_of_an_unbudgeted_run(workdir):
+    """``--resume --max-minutes`` may change the budget: the clock only chose where to stop, so a variant stopped by
+    time goes on from its checkpoint and ends where a run without the budget ends; config.toml records the new one."""
+    short = vae_priors("run", "tiny.toml", "--out", "budgeted", "--max-minutes", "1e-9", "--threads", "1", "--quiet",
+                       cwd=workdir)
+    assert short.returncode == 0, short.stderr
+    run = workdir / "budgeted"
+    stopped = pd.read_csv(run / "metrics.csv")
+    assert list(stopped.stopped_by) == ["time", "time"] and list(stopped.epochs) == [1, 1]
+    result = vae_priors("run", "--resume", "budgeted", "--max-minutes", "inf", "--threads", "1", "--quiet",
+                        cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "0 of 2 variants finished" in result.stdout
+    assert "vae: stopped by time" in result.stderr and "continues from its checkpoint" in result.stderr
+    assert_same_results(run, workdir / "full")
+    assert "max_minutes = inf" in (run / "config.toml").read_text()
+
+
+def test_a_raised_budget_without_the_checkpoint_to_continue_is_one_line_and_changes_nothing(workdir):
+    short = vae_priors("run", "tiny.toml", "--out", "no-checkpoint", "--max-minutes", "1e-9", "--threads", "1",
+                       "--quiet", cwd=workdir)
+    assert short.returncode == 0, short.stderr
+    run = workdir / "no-checkpoint"
+    (run / "checkpoints" / "vae.pt").unlink()
+    config, metrics = (run / "config.toml").read_bytes(), (run / "metrics.csv").read_bytes()
+    result = vae_priors("run", "--resume", "no-checkpoint", "--max-minutes", "5", "--threads", "1", cwd=workdir)
+    assert_one_line(result, EXIT_USAGE, "vae stopped by its time budget", "checkpoints/vae.pt is gone")
+    assert (run / "config.toml").read_bytes() == config and (run / "metrics.csv").read_bytes() == metrics
+
+
 # ---------------------------------------------------------------------------------- the boundary in-process
 
 @pytest.mark.parametrize("error, status, phrases", [

@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, help="overrides svi.epochs")
     run.add_argument("--max-minutes", type=float, dest="max_minutes",
                      help="overrides svi.max_minutes (training-time budget per variant; the epochs it allowed are "
-                     "recorded in metrics.csv, and --epochs with that number repeats the run); with --resume it may change: a raised "
-                     "budget continues the variants that stopped by time)")
+                     "recorded in metrics.csv, and --epochs with that number repeats the run); with --resume it may "
+                     "change: a raised budget continues the variants that stopped by time)")
     run.add_argument("--particles", type=int, help="overrides eval.num_particles (importance draws per test point)")
     run.add_argument("--threads", type=int, help="torch threads for this process (overrides the config's threads; "
                      "default: the available cores divided by the processes torchrun starts on this machine)")
