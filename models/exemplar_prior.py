@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
+from vae_priors.models.neighbor_table import descend, merge, random_table
 
 
 class ExemplarPrior(_MixtureOfPosteriors):
@@ -35,7 +36,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
     2. head: for each training point n a table of its k nearest exemplars in the cache (Euclidean distance
        between cached means), improved by one NN-descent sweep per epoch over {current neighbours, their
        neighbours, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
-       k nearest of that step's tail draws (for later visits; the step itself uses the old head);
+       k nearest of that step's tail draws (for later visits; the step itself uses the old head;
+       ``models/neighbor_table.py``);
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-k)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -224,11 +226,10 @@ class ExemplarPrior(_MixtureOfPosteriors):
         rng = torch.Generator(device=x.device).manual_seed(self._sweeps)
         self._sweeps += 1
         if self._table is None or self._table.device != x.device:
-            # k distinct neighbours other than the point itself: n + 1 + ((r_n + j) mod (N-1)) mod N
-            offset = torch.randint(0, n - 1, (n, 1), device=x.device, generator=rng) + torch.arange(k, device=x.device)
-            self._table = (torch.arange(n, device=x.device)[:, None] + 1 + offset % (n - 1)) % n
-        for chunk in torch.arange(n, device=x.device).split(1024):
-            self._update_neighbors(chunk, torch.randint(0, n, (self.subset,), device=x.device, generator=rng))
+            self._table = random_table(n, k, x.device, rng)
+        for chunk in torch.arange(n, device=x.device).split(1024):  # one NN-descent sweep
+            subset = torch.randint(0, n, (self.subset,), device=x.device, generator=rng)
+            descend(self._table, chunk, subset, self._loc, self._sq_norm)
         self._seen = 0
 
     @torch.no_grad()
@@ -263,34 +264,6 @@ class ExemplarPrior(_MixtureOfPosteriors):
                                                                                      strict=True)]
         return torch.cat(errors)
 
-    @torch.no_grad()
-    def _update_neighbors(self, index: torch.Tensor, subset: torch.Tensor) -> None:
-        """One NN-descent step for the points ``index``: keep the k nearest of their neighbours, the neighbours'
-        neighbours and the k nearest of the random exemplars ``subset``."""
-        mine = self._table[index]
-        local = torch.cat([mine, self._table[mine].flatten(1)], dim=1)  # (B, k + k^2)
-        near = self._squared_distances(index, subset).topk(self.neighbors, dim=1, largest=False)
-        self._keep_nearest(index, torch.cat([local, subset[near.indices]], 1),
-                           torch.cat([self._squared_distances(index, local), near.values], 1))
-
-    def _squared_distances(self, index: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """|mu_n - mu_m|^2 between cached means by the quadratic expansion: (B, M) for ``other`` (M,) shared by the
-        batch, (B, L) for ``other`` (B, L) per point."""
-        query = self._loc[index]
-        if other.dim() == 1:
-            cross = query @ self._loc[other].T
-        else:
-            cross = torch.bmm(self._loc[other], query[:, :, None]).squeeze(-1)
-        return self._sq_norm[index][:, None] - 2 * cross + self._sq_norm[other]
-
-    def _keep_nearest(self, index: torch.Tensor, pool: torch.Tensor, d2: torch.Tensor) -> None:
-        """Set each point's table row to the k nearest distinct exemplars (other than itself) in ``pool``."""
-        d2 = d2.masked_fill(pool == index[:, None], math.inf)
-        ids, order = pool.sort(dim=1)
-        d2 = d2.gather(1, order)
-        d2[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], math.inf)  # each exemplar counted once
-        self._table[index] = ids.gather(1, d2.topk(self.neighbors, dim=1, largest=False).indices)
-
     def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
                   ) -> HeadTailMixture:
         """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache."""
@@ -307,7 +280,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail, -math.inf)
         if refine and self.subset < n:
-            self._refine_neighbors(index, head, tail)
+            merge(self._table, index, head, tail, self._loc, self._sq_norm)  # for later visits
         scale = self._component_scale(self._scale)
         tail_scale = scale[:1].expand(len(tail), -1) if self.variance == "shared" else scale[tail]
         return HeadTailMixture(self._loc.new_full((b, k), -math.log(n - 1)), self._current(self._loc[head]),
@@ -322,10 +295,3 @@ class ExemplarPrior(_MixtureOfPosteriors):
         steps.scatter_add_(1, bounds[0], torch.ones_like(bounds[0], dtype=torch.int32))  # +1 where a range opens,
         steps.scatter_add_(1, bounds[1], torch.full_like(bounds[1], -1, dtype=torch.int32))  # -1 where it closes
         return steps.cumsum(1)[:, :-1] == 0
-
-    @torch.no_grad()
-    def _refine_neighbors(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor) -> None:
-        """Cheap per-visit refinement: merge head_n with the k tail draws nearest to mu_n (for later visits)."""
-        near = self._squared_distances(index, tail).topk(self.neighbors, dim=1, largest=False)
-        self._keep_nearest(index, torch.cat([head, tail[near.indices]], 1),
-                           torch.cat([self._squared_distances(index, head), near.values], 1))

@@ -1,0 +1,68 @@
+"""An approximate k-nearest-neighbour table over N vectors that move: the exemplar prior's head.
+
+A table is an (N, k) tensor of indices: for each point, k distinct other points (never itself) that are about its
+nearest by Euclidean distance between the vectors ``loc`` given at each call, so it follows vectors that change
+between calls. It starts random and is improved in place by NN-descent steps (Dong et al. 2011) and by merging in
+candidates a caller meets anyway (an estimate's tail draws); no operation searches all N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def random_table(n: int, k: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """(N, k): k distinct random neighbours per point, other than the point itself."""
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"a neighbour table needs 1 <= k <= N-1, got k={k}, N={n}")
+    # n + 1 + ((r_n + j) mod (N-1)) mod N for j < k: distinct, and never n
+    offset = torch.randint(0, n - 1, (n, 1), device=device, generator=generator) + torch.arange(k, device=device)
+    return (torch.arange(n, device=device)[:, None] + 1 + offset % (n - 1)) % n
+
+
+@torch.no_grad()
+def descend(table: torch.Tensor, index: torch.Tensor, subset: torch.Tensor, loc: torch.Tensor,
+            sq_norm: torch.Tensor) -> None:
+    """One NN-descent step for the points ``index``: each keeps the k nearest of its neighbours, its neighbours'
+    neighbours and the k nearest of the points ``subset`` (M,)."""
+    k = table.shape[1]
+    mine = table[index]
+    local = torch.cat([mine, table[mine].flatten(1)], dim=1)  # (B, k + k^2)
+    near = squared_distances(loc, sq_norm, index, subset).topk(k, dim=1, largest=False)
+    keep_nearest(table, index, torch.cat([local, subset[near.indices]], 1),
+                 torch.cat([squared_distances(loc, sq_norm, index, local), near.values], 1))
+
+
+@torch.no_grad()
+def merge(table: torch.Tensor, index: torch.Tensor, head: torch.Tensor, pool: torch.Tensor, loc: torch.Tensor,
+          sq_norm: torch.Tensor) -> None:
+    """Each point's row becomes the k nearest of ``head`` (B, k) and of the k points of ``pool`` (M,) nearest
+    to it."""
+    k = table.shape[1]
+    near = squared_distances(loc, sq_norm, index, pool).topk(k, dim=1, largest=False)
+    keep_nearest(table, index, torch.cat([head, pool[near.indices]], 1),
+                 torch.cat([squared_distances(loc, sq_norm, index, head), near.values], 1))
+
+
+def keep_nearest(table: torch.Tensor, index: torch.Tensor, pool: torch.Tensor, d2: torch.Tensor) -> None:
+    """Set each point's row to the k nearest distinct points (other than itself) in ``pool`` (B, L), whose squared
+    distances are ``d2`` (B, L)."""
+    d2 = d2.masked_fill(pool == index[:, None], math.inf)
+    ids, order = pool.sort(dim=1)
+    d2 = d2.gather(1, order)
+    d2[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :-1], math.inf)  # each point counted once
+    table[index] = ids.gather(1, d2.topk(table.shape[1], dim=1, largest=False).indices)
+
+
+def squared_distances(loc: torch.Tensor, sq_norm: torch.Tensor, index: torch.Tensor,
+                      other: torch.Tensor) -> torch.Tensor:
+    """|loc_n - loc_m|^2 by the quadratic expansion (``sq_norm`` = |loc|^2 per row): (B, M) for ``other`` (M,)
+    shared by the batch, (B, L) for ``other`` (B, L) per point."""
+    query = loc[index]
+    if other.dim() == 1:
+        cross = query @ loc[other].T
+    else:
+        cross = torch.bmm(loc[other], query[:, :, None]).squeeze(-1)
+    return sq_norm[index][:, None] - 2 * cross + sq_norm[other]
