@@ -291,7 +291,7 @@ def test_a_raised_time_budget_continues_the_variants_it_stopped_to_the_numbers_o
                         cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "0 of 2 variants finished" in result.stdout
-    assert "vae: stopped by time" in result.stderr and "continues from its checkpoint" in result.stderr
+    assert "vae: stopped by time" in result.stderr and "continues from its last checkpoint" in result.stderr
     assert_same_results(run, workdir / "full")
     assert "max_minutes = inf" in (run / "config.toml").read_text()
 

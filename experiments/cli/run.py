@@ -156,9 +156,10 @@ def _finished(run_dir: Path, config: RunConfig) -> tuple[dict[str, dict], dict[s
                              f"the budget its run had, or start a new run")
         # Its time budget was raised: it goes on from its checkpoint, and its results are replaced when it ends.
         if distributed.is_main():
-            print(f"{name}: stopped by time after {trained:.1f} min of training at epoch {len(histories[name])}; the "
-                  f"budget is now {config.svi.max_minutes:g} min, so it continues from its checkpoint (its rows in "
-                  "metrics.csv and history.csv, pointwise/ and pairs/ are replaced when it ends)", file=sys.stderr)
+            print(f"{name}: stopped by time (evaluated at epoch {len(histories[name])}, after {trained:.1f} min of "
+                  f"training); the budget is now {config.svi.max_minutes:g} min, so it continues from its last "
+                  "checkpoint (its rows in metrics.csv and history.csv, pointwise/ and pairs/ are replaced when it "
+                  "ends)", file=sys.stderr)
         del rows[name], histories[name]
     return rows, histories
 
