@@ -27,23 +27,19 @@ def descend(table: torch.Tensor, index: torch.Tensor, subset: torch.Tensor, loc:
             sq_norm: torch.Tensor) -> None:
     """One NN-descent step for the points ``index``: each keeps the k nearest of its neighbours, its neighbours'
     neighbours and the k nearest of the points ``subset`` (M,)."""
-    k = table.shape[1]
     mine = table[index]
-    local = torch.cat([mine, table[mine].flatten(1)], dim=1)  # (B, k + k^2)
-    near = squared_distances(loc, sq_norm, index, subset).topk(k, dim=1, largest=False)
-    keep_nearest(table, index, torch.cat([local, subset[near.indices]], 1),
-                 torch.cat([squared_distances(loc, sq_norm, index, local), near.values], 1))
+    merge(table, index, torch.cat([mine, table[mine].flatten(1)], dim=1), subset, loc, sq_norm)  # (B, k + k^2)
 
 
 @torch.no_grad()
-def merge(table: torch.Tensor, index: torch.Tensor, head: torch.Tensor, pool: torch.Tensor, loc: torch.Tensor,
+def merge(table: torch.Tensor, index: torch.Tensor, candidates: torch.Tensor, pool: torch.Tensor, loc: torch.Tensor,
           sq_norm: torch.Tensor) -> None:
-    """Each point's row becomes the k nearest of ``head`` (B, k) and of the k points of ``pool`` (M,) nearest
-    to it."""
+    """Each point's row becomes the k nearest of its own ``candidates`` (B, L; its row among them keeps a row
+    from getting longer) and of the k points of the shared ``pool`` (M,) nearest to it."""
     k = table.shape[1]
     near = squared_distances(loc, sq_norm, index, pool).topk(k, dim=1, largest=False)
-    keep_nearest(table, index, torch.cat([head, pool[near.indices]], 1),
-                 torch.cat([squared_distances(loc, sq_norm, index, head), near.values], 1))
+    keep_nearest(table, index, torch.cat([candidates, pool[near.indices]], 1),
+                 torch.cat([squared_distances(loc, sq_norm, index, candidates), near.values], 1))
 
 
 def keep_nearest(table: torch.Tensor, index: torch.Tensor, pool: torch.Tensor, d2: torch.Tensor) -> None:
