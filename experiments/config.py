@@ -48,6 +48,7 @@ class ModelConfig:
     exemplar_refresh_points: int = 0  # scalable path: re-encode the cache after this many points (0 = per epoch)
     exemplar_drift: str = "none"  # scalable path: none | affine (carry the cache by a map fitted on fresh batches)
     exemplar_drift_batches: int = 3  # scalable path, affine drift: recent batches the map is fitted on
+    exemplar_components: str = "current"  # current (the encoder's, as it moves) | epoch (fixed for each epoch)
 
 
 @dataclass
@@ -129,6 +130,7 @@ CHOICES = {
     ("model", "exemplar_variance"): ("encoder", "shared"),
     ("model", "exemplar_path"): ("auto", "exact", "scalable"),
     ("model", "exemplar_drift"): ("none", "affine"),
+    ("model", "exemplar_components"): ("current", "epoch"),
     ("svi", "objective"): ("trace", "meanfield", "iwae"),
     ("svi", "device"): ("cpu", "cuda"),
 }

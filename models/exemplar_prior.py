@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
-from vae_priors.models.neighbor_table import descend, merge, random_table
+from vae_priors.models.neighbor_table import descend, merge, not_in, random_table
 
 
 class ExemplarPrior(_MixtureOfPosteriors):
@@ -52,15 +52,22 @@ class ExemplarPrior(_MixtureOfPosteriors):
     carries about half of the mixture at z, so a missed neighbour costs much. Gradients reach the encoder through
     z and the shared scale, not through the cached exemplars.
 
+    ``components="epoch"`` makes the cache the prior instead of chasing the encoder: the components are the
+    encodings of all N exemplars made at the start of each epoch (the buffers ``component_loc``, ``component_scale``,
+    checkpointed with the model), fixed while the epoch trains and validates, and renewed from the then-current
+    encoder before the next epoch's first step. The step's estimate is then of this prior's exact leave-one-out
+    mixture, with no cache age at all, and validation and evaluation use the same N components exactly.
+    ``end_epoch`` reports both the estimate's error against that exact mixture (``prior_error``) and how far the
+    epoch's prior is from the mixture over the current encoder, the Exemplar VAE's (``prior_lag``). Like a target
+    network, it pins the latent frame for an epoch: the guide's KL is taken against components that do not move.
+
     ``drift="affine"`` tries to follow the encoder between refreshes with one affine map, because the exemplar
     prior leaves the latent frame free (shifting, rotating or scaling every code, s included, changes nothing the
     ELBO sees). The cache keeps its rows in the frame of the last refresh (the anchor), each step fits
     [mu_anchor, 1] @ W ~ mu_fresh by least squares on the fresh means of the last ``drift_batches`` batches,
     stores this batch's fresh means pulled back into the anchor frame, and the estimate uses the cached means
     carried forward by W. The fit comes after the step's estimate (one semantics with and without DDP).
-    Measured (BENCHMARKS.md section 2): at a late MNIST checkpoint the cache is closer for the first ~100 steps
-    and twice as far off as plain write-back after an epoch (each step's map moves every row, exact ones too), and
-    a real run tracked the exact mixture worse and trained to a worse validation ELBO; hence not the default.
+    It tracked a real MNIST run worse than plain write-back (BENCHMARKS.md section 2), hence not the default.
 
     Under torch.distributed every rank holds the same cache and table: each step all-gathers the ranks'
     written-back encodings and updated table rows, and the sweeps draw from a generator shared by the ranks.
@@ -71,7 +78,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
     def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
-                 drift: str = "none", drift_batches: int = 3):
+                 drift: str = "none", drift_batches: int = 3, components: str = "current"):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -82,6 +89,11 @@ class ExemplarPrior(_MixtureOfPosteriors):
             raise ValueError(f"an exemplar prior needs at least 2 training points for leave-one-out, got {n}")
         if drift not in ("none", "affine"):
             raise ValueError(f"exemplar drift {drift!r} is unknown; choose \"none\" or \"affine\"")
+        if components not in ("current", "epoch"):
+            raise ValueError(f"exemplar components {components!r} are unknown; choose \"current\" or \"epoch\"")
+        if components == "epoch" and (drift != "none" or refresh_points):
+            raise ValueError("epoch components are renewed once per epoch and never move in between: use "
+                             "drift=\"none\" and refresh_points=0 with them")
         if drift_batches < 1:
             raise ValueError(f"exemplar drift_batches must be >= 1 (recent batches the affine map is fitted on), got "
                              f"{drift_batches}")
@@ -94,12 +106,17 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self.register_buffer("train_x", train_x, persistent=False)  # rebuilt from the data, not checkpointed
         if variance == "shared":
             self.raw_shared_scale = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus^-1(1)
-        self.drift, self.drift_batches = drift, drift_batches
+        self.drift, self.drift_batches, self.components = drift, drift_batches, components
         self._loc = self._scale = self._table = self._batch = self._anchor = self._map = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
+        self._due = True  # epoch components: renew them before the next training step
+        if components == "epoch":  # the prior before any training: the initial encoder's
+            loc, scale = self._encode_all()
+            self.register_buffer("component_loc", loc.clone())
+            self.register_buffer("component_scale", scale.clone())
         encoder = getattr(guide, "net", None)
-        if path == "scalable" and isinstance(encoder, nn.Module):
+        if path == "scalable" and components == "current" and isinstance(encoder, nn.Module):
             encoder.register_forward_hook(self._remember_batch)
 
     @property
@@ -111,12 +128,23 @@ class ExemplarPrior(_MixtureOfPosteriors):
             return scale
         return (F.softplus(self.raw_shared_scale) + 1e-3).expand(scale.shape)
 
+    @torch.no_grad()
+    def _encode_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current encoder's (loc, scale) of all N exemplars, without gradients."""
+        return self._encode(self.train_x, self.train_x)
+
+    def _components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior's components: this epoch's (``components="epoch"``) or the current encoder's."""
+        if self.components == "epoch":
+            return self.component_loc, self.component_scale
+        return self._encode(self.train_x, self.train_x)
+
     def mixture(self, index: torch.Tensor | None = None, loc: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None) -> GaussianMixture:
-        """The exact mixture from the current encoder (or from ``loc``, ``scale``): leave-one-out for training
+        """The exact mixture of the prior's components (or of ``loc``, ``scale``): leave-one-out for training
         indices ``index``, else all N."""
         if loc is None:
-            loc, scale = self._encode(self.train_x, self.train_x)
+            loc, scale = self._components()
         n = self.num_exemplars
         if index is None:
             return GaussianMixture(loc.new_zeros(1, n), loc, self._component_scale(scale), self.max_elements)
@@ -130,6 +158,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
         if index.numel() and int(index.max()) >= self.num_exemplars:
             raise ValueError(f"in training mode the exemplar prior scores training points (indices < "
                              f"{self.num_exemplars}), got index {int(index.max())}; call .eval() for other points")
+        if self.components == "epoch" and self._due:
+            self._renew_components()
         if self.path == "exact":
             return self.mixture(index)
         if self._loc is None or self._loc.device != self.train_x.device or (
@@ -150,6 +180,14 @@ class ExemplarPrior(_MixtureOfPosteriors):
         """Forward hook on the guide's encoder: keep the encodings of the batch the guide has just seen."""
         if self.training and torch.is_grad_enabled() and args:
             self._batch = (args[0], output[0].detach(), output[1].detach())
+
+    @torch.no_grad()
+    def _renew_components(self) -> None:
+        """``components="epoch"``: this epoch's components are the current encoder's; the cache is rebuilt on them."""
+        loc, scale = self._encode_all()
+        self.component_loc.copy_(loc)
+        self.component_scale.copy_(scale)
+        self._due, self._loc = False, None
 
     @torch.no_grad()
     def _take_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -215,10 +253,12 @@ class ExemplarPrior(_MixtureOfPosteriors):
     def refresh(self, loc: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
         """Renew the cache (re-encoding every exemplar unless ``loc``/``scale`` are given), then sweep the table."""
         x, n, k = self.train_x, self.num_exemplars, self.neighbors
-        if loc is None:
+        if self.components == "epoch":  # the cache is the components themselves, never written to
+            loc, scale = self._components()
+        elif loc is None:
             parts = [self.guide.encode(x[i : i + 4096]).base_dist for i in range(0, n, 4096)]
             loc, scale = torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
-        self._loc, self._scale = loc.clone(), scale.clone()  # written to in place by the steps
+        self._loc, self._scale = (loc, scale) if self.components == "epoch" else (loc.clone(), scale.clone())
         self._sq_norm = self._loc.pow(2).sum(-1)
         if self.drift == "affine":  # a new frame: the map starts at the identity
             self._anchor, self._map, self._pairs = loc.clone(), None, []
@@ -236,22 +276,32 @@ class ExemplarPrior(_MixtureOfPosteriors):
     def end_epoch(self) -> dict[str, float]:
         """Measure the cached estimate against the exact leave-one-out mixture, then renew the cache.
 
-        Called by ``fit`` after each epoch's validation, whose exact mixture has just encoded all N exemplars
-        with the current encoder (the encodings are reused, not recomputed). Returns ``prior_error`` (mean
-        |estimate - exact| of log p(z | not n), nats per point) and ``prior_error_mean`` (its signed mean), for
-        z ~ q(z|x_n) at ``track_points`` random training points; {} on the exact path or before any step.
+        Called by ``fit`` after each epoch's validation (which, with current components, has just encoded all N
+        exemplars: the encodings are reused). Returns ``prior_error`` (mean |estimate - exact| of log p(z | not n),
+        nats per point) and ``prior_error_mean`` (its signed mean), for z ~ q(z|x_n) at ``track_points`` random
+        training points; {} on the exact path or before any step. With epoch components the exact mixture is this
+        epoch's, and ``prior_lag`` (``prior_lag_mean``) is the mean |log p(z | not n)| difference between it and
+        the mixture over the current encoder; the components are renewed before the next step, not here, so that
+        the checkpoint holds the prior that was validated.
         """
+        self._due = True
         if self.path != "scalable" or self._loc is None:
             return {}
-        loc, scale = self._encode(self.train_x, self.train_x)
+        loc, scale = self._encode_all()
         summary = {}
         if self.track_points:
             rng = torch.Generator(device=loc.device).manual_seed(10_000 + self._sweeps)
             index = torch.randperm(self.num_exemplars, device=loc.device, generator=rng)[: self.track_points]
             z = loc[index] + scale[index] * torch.randn(loc[index].shape, device=loc.device, generator=rng)
-            error = self.estimate_error(index, z, loc, scale, rng)
+            error = self.estimate_error(index, z, *self._components(), rng)
             summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item()}
-        self.refresh(loc, scale)
+            if self.components == "epoch":
+                lag = torch.cat([self.mixture(part, *self._components()).log_prob(at)
+                                 - self.mixture(part, loc, scale).log_prob(at)
+                                 for part, at in zip(index.split(64), z.split(64), strict=True)])
+                summary.update(prior_lag=lag.abs().mean().item(), prior_lag_mean=lag.mean().item())
+        if self.components == "current":
+            self.refresh(loc, scale)
         return summary
 
     @torch.no_grad()
@@ -276,7 +326,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
             tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
         head = self._table[index]  # (B, k), fixed before this step's draws
         tail = tail.sort().values
-        in_tail = self._not_in(tail, torch.cat([index[:, None], head], 1))
+        in_tail = not_in(tail, torch.cat([index[:, None], head], 1))
         log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail, -math.inf)
         if refine and self.subset < n:
@@ -286,12 +336,3 @@ class ExemplarPrior(_MixtureOfPosteriors):
         return HeadTailMixture(self._loc.new_full((b, k), -math.log(n - 1)), self._current(self._loc[head]),
                                scale[head], tail_logits, self._current(self._loc[tail]), tail_scale,
                                self.max_elements)
-
-    @staticmethod
-    def _not_in(sorted_ids: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-        """(B, M) mask: sorted_ids[m] not in excluded[b] (B, E), via the ranges of equal ids found by bisection."""
-        bounds = torch.stack([torch.searchsorted(sorted_ids, excluded, right=r) for r in (False, True)])  # (2, B, E)
-        steps = torch.zeros(excluded.shape[0], sorted_ids.shape[0] + 1, dtype=torch.int32, device=excluded.device)
-        steps.scatter_add_(1, bounds[0], torch.ones_like(bounds[0], dtype=torch.int32))  # +1 where a range opens,
-        steps.scatter_add_(1, bounds[1], torch.full_like(bounds[1], -1, dtype=torch.int32))  # -1 where it closes
-        return steps.cumsum(1)[:, :-1] == 0

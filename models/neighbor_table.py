@@ -62,3 +62,12 @@ def squared_distances(loc: torch.Tensor, sq_norm: torch.Tensor, index: torch.Ten
     else:
         cross = torch.bmm(loc[other], query[:, :, None]).squeeze(-1)
     return sq_norm[index][:, None] - 2 * cross + sq_norm[other]
+
+
+def not_in(sorted_ids: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """(B, M) mask: sorted_ids[m] not in excluded[b] (B, E), via the ranges of equal ids found by bisection."""
+    bounds = torch.stack([torch.searchsorted(sorted_ids, excluded, right=r) for r in (False, True)])  # (2, B, E)
+    steps = torch.zeros(excluded.shape[0], sorted_ids.shape[0] + 1, dtype=torch.int32, device=excluded.device)
+    steps.scatter_add_(1, bounds[0], torch.ones_like(bounds[0], dtype=torch.int32))  # +1 where a range opens,
+    steps.scatter_add_(1, bounds[1], torch.full_like(bounds[1], -1, dtype=torch.int32))  # -1 where it closes
+    return steps.cumsum(1)[:, :-1] == 0

@@ -185,6 +185,22 @@ def test_bench_exemplar_staleness_reports_each_source_of_error_at_a_runs_checkpo
     assert len(errors) == 6 and all(0 <= e < 100 for e in errors)
 
 
+def test_bench_exemplar_heads_compares_head_choices_against_the_exact_mixture_of_epoch_components(tmp_path):
+    config = SCALABLE_EXEMPLAR.replace('["vae", "vae-exemplar"]', '["vae-exemplar"]')
+    (tmp_path / "ex.toml").write_text(config.replace("exemplar_subset = 20", 'exemplar_subset = 20\n'
+                                                     'exemplar_components = "epoch"'))
+    assert vae_priors("run", "ex.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=tmp_path).returncode == 0
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history.prior_lag.notna().all()  # how far each epoch's prior is from the current encoder's
+    result = vae_priors("bench", "exemplar-heads", "run", "--points", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "components epoch" in result.stdout
+    for line in ("nearest of its own component", "nearest of its current mean", "nearest of z", "IVF", "vae step"):
+        assert line in result.stdout, line
+    errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
+    assert len(errors) == 7 and all(0 <= e < 100 for e in errors)
+
+
 def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):
     (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR)
     result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--rounds", "1",

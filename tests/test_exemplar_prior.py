@@ -198,3 +198,87 @@ def test_a_guide_without_an_encoder_net_still_trains_on_the_cache():
     assert not hasattr(prior.guide, "net")
     mixture = prior(torch.arange(5))  # no write-back hook: the cache comes from refresh alone
     assert torch.isfinite(mixture.log_prob(torch.randn(5, 4))).all()
+
+
+def _loo_logits(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Log-weights of the leave-one-out mixture for training points ``index``: 1/(N-1) on the others."""
+    return torch.zeros(len(index), n).index_put_((torch.arange(len(index)), index),
+                                                 torch.tensor(-math.inf)).log_softmax(-1)
+
+
+def _epoch_prior(n: int = 12) -> tuple[ExemplarPrior, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=2, subset=n, track_points=n,
+                          components="epoch").train()
+    return prior, x
+
+
+def test_with_epoch_components_the_estimate_is_the_exact_mixture_of_the_epochs_prior_after_the_encoder_moves():
+    """The tail covers all N, so the estimate is the mixture of the cache; with epoch components the cache is the
+    prior, so the estimate stays exact when the encoder moves within the epoch (where current components lag)."""
+    prior, x = _epoch_prior()
+    index = torch.tensor([0, 5, 11])
+    prior(index)  # the first step of the epoch: the components are the encoder's now (W = I)
+    with torch.no_grad():
+        prior.guide.linear.weight.mul_(1.3)
+    z = torch.randn(3, 2)
+    scale, loo = torch.full((12, 2), 0.7), _loo_logits(index, 12)
+    estimate = prior(index).log_prob(z)
+    torch.testing.assert_close(estimate.double(), brute_force_mixture(z, loo, x, scale), atol=1e-5, rtol=1e-5)
+    moved = brute_force_mixture(z, loo, 1.3 * x, scale)
+    assert (estimate.double() - moved).abs().mean() > 0.1, "the encoder's move changed nothing: the check is void"
+
+
+def test_epoch_components_are_renewed_at_the_next_step_not_at_end_epoch_which_reports_their_lag():
+    """``end_epoch`` leaves the validated components in place (the checkpoint holds them) and reports how far
+    their mixture is from the current encoder's by brute force; the next training step renews them."""
+    prior, x = _epoch_prior()
+    prior(torch.arange(3))
+    with torch.no_grad():
+        prior.guide.linear.weight.mul_(1.3)
+    rng = torch.Generator().manual_seed(10_000 + prior._sweeps)  # the draws end_epoch makes
+    index = torch.randperm(12, generator=rng)
+    z = 1.3 * x[index] + 0.7 * torch.randn(12, 2, generator=rng)
+    scale, loo = torch.full((12, 2), 0.7), _loo_logits(index, 12)
+    lag = brute_force_mixture(z, loo, x, scale) - brute_force_mixture(z, loo, 1.3 * x, scale)
+    summary = prior.end_epoch()
+    assert lag.abs().mean() > 0.1
+    assert summary["prior_lag"] == pytest.approx(lag.abs().mean().item(), abs=1e-4)
+    assert summary["prior_lag_mean"] == pytest.approx(lag.mean().item(), abs=1e-4)
+    assert summary["prior_error"] < 1e-4  # exact tail over the prior's own components
+    torch.testing.assert_close(prior.component_loc, x)
+    prior(torch.arange(3))
+    torch.testing.assert_close(prior.component_loc, 1.3 * x)
+
+
+def test_evaluation_uses_the_epochs_components_and_a_state_dict_carries_them():
+    prior, x = _epoch_prior()
+    prior(torch.arange(3))
+    with torch.no_grad():
+        prior.guide.linear.weight.mul_(1.3)
+    z = torch.randn(4, 2)
+    value = prior.eval()(torch.arange(4)).log_prob(z)
+    all_n = torch.zeros(4, 12).log_softmax(-1)
+    torch.testing.assert_close(value.double(), brute_force_mixture(z, all_n, x, torch.full((12, 2), 0.7)),
+                               atol=1e-5, rtol=1e-5)
+    other = ExemplarPrior(LinearEncoder(2, 0.7), torch.zeros(12, 2), path="scalable", neighbors=2, subset=12,
+                          components="epoch").eval()
+    other.load_state_dict(prior.state_dict())
+    torch.testing.assert_close(other(torch.arange(4)).log_prob(z), value)
+
+
+@pytest.mark.parametrize("settings", [{"drift": "affine"}, {"refresh_points": 100}, {"components": "lagged"}])
+def test_epoch_components_refuse_settings_that_move_them_within_an_epoch(settings):
+    settings = {"components": "epoch", **settings}
+    with pytest.raises(ValueError, match="components"):
+        ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, **settings)
+
+
+def test_fit_with_epoch_components_records_error_and_lag():
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    result = fit(_scalable_pair(data, exemplar_components="epoch"), data, SVIConfig(epochs=2, batch_size=10),
+                 progress=False)
+    assert {"prior_error", "prior_lag", "prior_lag_mean"} <= set(result.history.columns)
+    assert result.history["prior_lag"].between(0, 50).all()

@@ -7,7 +7,8 @@
     vae-priors check MODULE:FACTORY  does a pair of yours meet the model/guide contract?
     vae-priors findings RUN_DIR    paired comparisons of a run's variants, from its per-point results
     vae-priors data fetch NAME DIR download a data set (mnist, binarized-mnist) and verify its SHA-256
-    vae-priors bench NAME          benchmarks: svi, mixture-prior, exemplar-staleness, diagnostics, evaluation
+    vae-priors bench NAME          benchmarks: svi, mixture-prior, exemplar-staleness, exemplar-heads, diagnostics,
+                                   evaluation
 
 This module only parses arguments: each command lives in its own module of this package and is imported when it
 runs, so ``vae-priors --help`` answers without importing torch.
@@ -24,7 +25,7 @@ import sys
 import threading
 from importlib.metadata import PackageNotFoundError, version
 
-BENCHMARKS = ("diagnostics", "evaluation", "exemplar-staleness", "mixture-prior", "svi")
+BENCHMARKS = ("diagnostics", "evaluation", "exemplar-heads", "exemplar-staleness", "mixture-prior", "svi")
 
 
 def _version() -> str:

@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 MODULES = {"svi": "svi_bench", "mixture-prior": "mixture_prior_bench", "diagnostics": "diagnostics_bench",
-           "evaluation": "evaluation_bench", "exemplar-staleness": "exemplar_staleness"}
+           "evaluation": "evaluation_bench", "exemplar-staleness": "exemplar_staleness",
+           "exemplar-heads": "exemplar_heads"}
 
 
 def command_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,173 @@
+"""Which head would make the scalable exemplar estimate exact, at a checkpoint of a real run (issue 7).
+
+    vae-priors bench exemplar-heads RUN_DIR [--points 256] [--tail 512]
+
+Loads ``RUN_DIR/checkpoints/vae-exemplar.pt``, takes the prior's components as the checkpoint defines them (with
+``exemplar_components = "epoch"``: the epoch's stored components, which the run's cache equals; otherwise the
+current encoder's, i.e. a cache with no age), draws z ~ q(z|x_n) from the current encoder at ``--points``
+training points, and compares the head/tail estimate of log p(z | not n) (head exact, weight 1/(N-1) each; tail:
+``--tail`` uniform draws standing for the other exemplars, as in ``ExemplarPrior``) with the exact leave-one-out
+mixture, for heads chosen in different ways (nats per point, mean |error| and mean):
+
+* the k nearest components of the point's own component, or of its current mean (a table can hold these);
+* the k (or 5k) nearest components of z itself (a search per sample);
+* IVF: the members of the ``probe`` clusters nearest to z, of a k-means partition of the components.
+
+It then times, per batch of 100 samples on one thread, the two searches around z (brute force over all N; IVF
+with the partition built) against a ``vae`` training step of the same nets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from vae_priors.experiments.benchmarks.mixture_prior_bench import make_step
+from vae_priors.experiments.files import load_torch
+from vae_priors.experiments.runs.layout import build_pair, load_run
+from vae_priors.experiments.runtime import set_threads
+from vae_priors.experiments.training.objectives import make_elbo
+from vae_priors.models.mixture_distributions import gaussian_log_density_matrix
+
+
+def kmeans(points: torch.Tensor, clusters: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
+    """Cluster of each point after ``iterations`` Lloyd steps from random points (squared distances by matmul)."""
+    centres = points[torch.randperm(points.shape[0], generator=generator)[:clusters]].clone()
+    for _ in range(iterations + 1):
+        assign = (centres.pow(2).sum(1) - 2 * points @ centres.T).argmin(1)
+        counts = torch.bincount(assign, minlength=clusters).clamp_min(1)
+        centres = torch.zeros_like(centres).index_add_(0, assign, points) / counts[:, None]
+    return assign
+
+
+def head_tail_error(z: torch.Tensor, index: torch.Tensor, heads: list[torch.Tensor], loc: torch.Tensor,
+                    scale: torch.Tensor, exact: torch.Tensor, tail: int, generator: torch.Generator) -> torch.Tensor:
+    """Per point: the head/tail estimate of log p(z | not n) minus the exact value."""
+    n, out = loc.shape[0], []
+    for b, head in enumerate(heads):
+        head = head[head != index[b]].unique()
+        draws = torch.randint(0, n, (tail,), generator=generator)
+        draws = draws[~torch.isin(draws, torch.cat([head, index[b : b + 1]]))]
+        at = z[b : b + 1]
+        log_head = gaussian_log_density_matrix(at, loc[head], scale[head])[0].logsumexp(0) - math.log(n - 1)
+        log_tail = (gaussian_log_density_matrix(at, loc[draws], scale[draws])[0].logsumexp(0)
+                    + math.log((n - 1 - len(head)) / (n - 1) / len(draws)))
+        out.append(torch.logaddexp(log_head, log_tail))
+    return torch.stack(out) - exact
+
+
+def _line(label: str, error: torch.Tensor, heads: list[torch.Tensor]) -> str:
+    size = sum(len(h) for h in heads) / len(heads)
+    return f"  {label:<38} |err| {error.abs().mean().item():6.3f}  mean {error.mean().item():7.3f}  head {size:6.0f}"
+
+
+@torch.no_grad()
+def run(run_dir: Path, points: int, tail: int, seed: int) -> None:
+    config, data = load_run(run_dir)
+    pair, dataset = build_pair(config, data, "vae-exemplar")
+    prior = pair.model.prior
+    saved = load_torch(run_dir / "checkpoints" / "vae-exemplar.pt", "checkpoint", weights_only=False)
+    pair.objective(make_elbo(config.svi.objective)).load_state_dict(saved["objective"])
+    x, k = dataset.train.x, prior.neighbors
+    comp_loc, comp_scale = prior._components()
+    comp_scale = prior._component_scale(comp_scale)
+    now_loc, now_scale = prior._encode_all()
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(x), generator=gen)[:points]
+    z = now_loc[index] + now_scale[index] * torch.randn(points, now_loc.shape[1], generator=gen)
+    dens = torch.cat([gaussian_log_density_matrix(z[i : i + 64], comp_loc, comp_scale) for i in range(0, points, 64)])
+    dens[torch.arange(points), index] = -math.inf
+    exact = dens.logsumexp(1) - math.log(len(x) - 1)
+    shares = (dens.topk(min(100, len(x) - 1), 1).values - dens.logsumexp(1, keepdim=True)).exp()
+    s = comp_scale[0, 0].item()
+    moved = (now_loc - comp_loc).norm(dim=1).mean() / s
+    print(f"{run_dir.name}: epoch {saved['state']['epoch']}, components {prior.components}, N = {len(x)}, k = {k}, "
+          f"tail {tail}, {points} points, s = {s:.3f}; the current means are {moved:.2f} s "
+          f"from the components; mixture share of the 1 / 10 / 100 largest: {shares[:, 0].mean():.2f} / "
+          f"{shares[:, :10].sum(1).mean():.2f} / {shares.sum(1).mean():.2f}")
+
+    def nearest(queries: torch.Tensor, count: int) -> list[torch.Tensor]:
+        d2 = comp_loc.pow(2).sum(1) - 2 * queries @ comp_loc.T
+        d2[torch.arange(points), index] = math.inf
+        return list(d2.topk(min(count, len(x) - 1), 1, largest=False).indices)
+
+    for label, heads in ((f"{k} nearest of its own component", nearest(comp_loc[index], k)),
+                         (f"{k} nearest of its current mean", nearest(now_loc[index], k)),
+                         (f"{k} nearest of z", nearest(z, k)), (f"{5 * k} nearest of z", nearest(z, 5 * k))):
+        print(_line(label, head_tail_error(z, index, heads, comp_loc, comp_scale, exact, tail, gen), heads))
+    partitions = {}
+    for clusters, probe in ((256, 3), (256, 8), (1024, 8)):
+        clusters = min(clusters, len(x) // 4)  # small data sets (the tests): fewer, larger clusters
+        probe = min(probe, clusters)
+        if clusters not in partitions:
+            start = time.perf_counter()
+            assign = kmeans(comp_loc, clusters, 8, gen)
+            centres = torch.zeros(clusters, comp_loc.shape[1]).index_add_(0, assign, comp_loc)
+            centres /= torch.bincount(assign, minlength=clusters).clamp_min(1)[:, None]
+            members = [torch.nonzero(assign == c).flatten() for c in range(clusters)]
+            partitions[clusters] = centres, members, time.perf_counter() - start
+        centres, members, built = partitions[clusters]
+        probed = (centres.pow(2).sum(1) - 2 * z @ centres.T).topk(probe, 1, largest=False).indices
+        heads = [torch.cat([members[c] for c in row.tolist()]) for row in probed]
+        label = f"IVF: {probe} of {clusters} clusters (k-means {built:.1f} s)"
+        print(_line(label, head_tail_error(z, index, heads, comp_loc, comp_scale, exact, tail, gen), heads))
+    _search_cost(config, data, x, comp_loc, partitions[min(256, len(x) // 4)], seed)
+
+
+def _search_cost(config, data, train_x: torch.Tensor, comp_loc: torch.Tensor, partition, seed: int,
+                 reps: int = 20) -> None:
+    """Median ms per batch of 100 queries: brute-force k nearest, IVF (8 of 256) gather, and a ``vae`` step."""
+    centres, members, _ = partition
+    sizes = torch.tensor([len(m) for m in members])
+    padded = torch.full((len(members), int(sizes.max())), -1, dtype=torch.long)
+    for c, m in enumerate(members):
+        padded[c, : len(m)] = m
+    queries = comp_loc[torch.randperm(len(comp_loc), generator=torch.Generator().manual_seed(seed))[:100]]
+    probe, k = min(8, len(members)), min(10, len(comp_loc) - 1)
+
+    def brute() -> None:
+        (comp_loc.pow(2).sum(1) - 2 * queries @ comp_loc.T).topk(k, 1, largest=False)
+
+    def ivf() -> None:
+        ids = padded[(centres.pow(2).sum(1) - 2 * queries @ centres.T).topk(probe, 1, largest=False).indices]
+        ids = ids.flatten(1)
+        gathered = comp_loc[ids.clamp_min(0)]  # (100, 8 * largest cluster, D): the candidates' means
+        (gathered - queries[:, None]).pow(2).sum(-1).masked_fill(ids < 0, math.inf).topk(k, 1, largest=False)
+
+    pyro.set_rng_seed(seed)
+    with torch.enable_grad():
+        step = make_step(build_pair(config, data, "vae")[0], train_x, 100, seed)
+    times: dict[str, list[float]] = {"vae step": [], "brute-force search": [], "IVF search": []}
+    for _ in range(reps + 2):  # interleaved; the first two of each are warm-up
+        for name, work in (("brute-force search", brute), ("IVF search", ivf)):
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+        with torch.enable_grad():
+            times["vae step"].append(step())
+    base = statistics.median(times["vae step"][2:])
+    print("  per batch of 100, one process: " + "; ".join(
+        f"{name} {1e3 * statistics.median(values[2:]):.1f} ms ({statistics.median(values[2:]) / base:.2f}x the vae "
+        f"step)" for name, values in times.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run with a vae-exemplar checkpoint (scalable path)")
+    parser.add_argument("--points", type=int, default=256)
+    parser.add_argument("--tail", type=int, default=512, help="uniform tail draws M")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    run(args.run_dir, args.points, args.tail, args.seed)
+
+
+if __name__ == "__main__":
+    main()
