@@ -331,8 +331,11 @@ class ExemplarPrior(_MixtureOfPosteriors):
         tail_logits = torch.where(in_tail, log_tail, -math.inf)
         if refine and self.subset < n:
             merge(self._table, index, head, tail, self._loc, self._sq_norm)  # for later visits
-        scale = self._component_scale(self._scale)
-        tail_scale = scale[:1].expand(len(tail), -1) if self.variance == "shared" else scale[tail]
+        if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
+            shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
+            head_scale, tail_scale = shared.expand(b * k, -1).view(b, k, -1), shared.expand(len(tail), -1)
+        else:
+            head_scale, tail_scale = self._scale[head], self._scale[tail]
         return HeadTailMixture(self._loc.new_full((b, k), -math.log(n - 1)), self._current(self._loc[head]),
-                               scale[head], tail_logits, self._current(self._loc[tail]), tail_scale,
+                               head_scale, tail_logits, self._current(self._loc[tail]), tail_scale,
                                self.max_elements)
