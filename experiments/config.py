@@ -49,6 +49,7 @@ class ModelConfig:
     exemplar_drift: str = "none"  # scalable path: none | affine (carry the cache by a map fitted on fresh batches)
     exemplar_drift_batches: int = 3  # scalable path, affine drift: recent batches the map is fitted on
     exemplar_components: str = "current"  # current (the encoder's, as it moves) | epoch (fixed for each epoch)
+    exemplar_hops: int = 1  # scalable path: head = each point's table row (1), and its members' rows too (2)
 
 
 @dataclass
@@ -131,6 +132,7 @@ CHOICES = {
     ("model", "exemplar_path"): ("auto", "exact", "scalable"),
     ("model", "exemplar_drift"): ("none", "affine"),
     ("model", "exemplar_components"): ("current", "epoch"),
+    ("model", "exemplar_hops"): (1, 2),
     ("svi", "objective"): ("trace", "meanfield", "iwae"),
     ("svi", "device"): ("cpu", "cuda"),
 }

@@ -167,7 +167,8 @@ def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
         path = "exact" if len(data.train) <= cfg.exemplar_exact_max else "scalable"
     prior = ExemplarPrior(guide, data.train.x, cfg.exemplar_variance, path, cfg.exemplar_neighbors,
                           cfg.exemplar_subset, cfg.exemplar_refresh_points, drift=cfg.exemplar_drift,
-                          drift_batches=cfg.exemplar_drift_batches, components=cfg.exemplar_components)
+                          drift_batches=cfg.exemplar_drift_batches, components=cfg.exemplar_components,
+                          hops=cfg.exemplar_hops)
     return _vae(data, cfg, likelihood, prior, guide)
 
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
-from vae_priors.models.neighbor_table import descend, merge, not_in, random_table
+from vae_priors.models.neighbor_table import descend, merge, not_in, random_table, rows
 
 
 class ExemplarPrior(_MixtureOfPosteriors):
@@ -37,11 +37,12 @@ class ExemplarPrior(_MixtureOfPosteriors):
        between cached means), improved by one NN-descent sweep per epoch over {current neighbours, their
        neighbours, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
        k nearest of that step's tail draws (for later visits; the step itself uses the old head;
-       ``models/neighbor_table.py``);
+       ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of its members (up to k + k^2
+       distinct exemplars), and each visit is an NN-descent step for the batch's rows;
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
-       + (N-1-k)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
+       + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
-       the other N-1-k exemplars, so the tail mean is unbiased for theirs. Given the cache it is an unbiased
+       the other N-1-|head_n| exemplars, so the tail mean is unbiased for theirs. Given the cache it is an unbiased
        estimate of the leave-one-out mixture density (biased low in log space); with M >= N it is exact.
 
     Per step it costs O(B (k + M) D) and no encoder pass. What it does not remove: the cache's age and the head's
@@ -78,7 +79,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
     def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
-                 drift: str = "none", drift_batches: int = 3, components: str = "current"):
+                 drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -89,6 +90,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
             raise ValueError(f"an exemplar prior needs at least 2 training points for leave-one-out, got {n}")
         if drift not in ("none", "affine"):
             raise ValueError(f"exemplar drift {drift!r} is unknown; choose \"none\" or \"affine\"")
+        if hops not in (1, 2):
+            raise ValueError(f"exemplar head hops must be 1 (each point's table row) or 2 (and its members' rows), "
+                             f"got {hops}")
         if components not in ("current", "epoch"):
             raise ValueError(f"exemplar components {components!r} are unknown; choose \"current\" or \"epoch\"")
         if components == "epoch" and (drift != "none" or refresh_points):
@@ -106,7 +110,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self.register_buffer("train_x", train_x, persistent=False)  # rebuilt from the data, not checkpointed
         if variance == "shared":
             self.raw_shared_scale = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus^-1(1)
-        self.drift, self.drift_batches, self.components = drift, drift_batches, components
+        self.drift, self.drift_batches, self.components, self.hops = drift, drift_batches, components, hops
         self._loc = self._scale = self._table = self._batch = self._anchor = self._map = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
@@ -265,9 +269,11 @@ class ExemplarPrior(_MixtureOfPosteriors):
         # the same draws on every rank (not the ranks' own Monte Carlo streams): their tables stay equal
         rng = torch.Generator(device=x.device).manual_seed(self._sweeps)
         self._sweeps += 1
-        if self._table is None or self._table.device != x.device:
+        new = self._table is None or self._table.device != x.device
+        if new:
             self._table = random_table(n, k, x.device, rng)
-        for chunk in torch.arange(n, device=x.device).split(1024):  # one NN-descent sweep
+        # one NN-descent sweep (with hops=2 the steps make one over the epoch: only a new table needs this one)
+        for chunk in torch.arange(n, device=x.device).split(1024) if new or self.hops == 1 else ():
             subset = torch.randint(0, n, (self.subset,), device=x.device, generator=rng)
             descend(self._table, chunk, subset, self._loc, self._sq_norm)
         self._seen = 0
@@ -319,23 +325,33 @@ class ExemplarPrior(_MixtureOfPosteriors):
         """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache."""
         n, k, b = self.num_exemplars, self.neighbors, index.shape[0]
         # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
-        # uniform over the other N-1-k exemplars and their mean is unbiased for the tail's mean density
+        # uniform over the other N-1-|head_n| exemplars and their mean is unbiased for the tail's mean density
         if self.subset >= n:
             tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
         else:
             tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
         head = self._table[index]  # (B, k), fixed before this step's draws
+        head_logits = self._loc.new_full(head.shape, -math.log(n - 1))
+        distinct = torch.full((b, 1), k, device=index.device)
+        if self.hops == 2:  # the rows and their rows: (B, k + k^2), each exemplar once, never n itself
+            head = torch.cat([head, rows(self._table, head).flatten(1)], 1).sort(1).values
+            repeated = torch.cat([torch.zeros_like(head[:, :1], dtype=torch.bool), head[:, 1:] == head[:, :-1]], 1)
+            dropped = repeated | (head == index[:, None])
+            head_logits = torch.where(dropped, -math.inf, -math.log(n - 1))
+            distinct = (~dropped).sum(1, keepdim=True)
         tail = tail.sort().values
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1))
-        log_tail = math.log((n - 1 - k) / (n - 1)) - in_tail.sum(1, keepdim=True).clamp_min(1).log()
-        tail_logits = torch.where(in_tail, log_tail, -math.inf)
-        if refine and self.subset < n:
-            merge(self._table, index, head, tail, self._loc, self._sq_norm)  # for later visits
+        log_tail = ((n - 1 - distinct) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+        tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
+        if refine and self.subset < n and self.hops == 2:  # for later visits: an NN-descent step for the batch
+            descend(self._table, index, tail, self._loc, self._sq_norm)
+        elif refine and self.subset < n:
+            merge(self._table, index, head, tail, self._loc, self._sq_norm)
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
-            head_scale, tail_scale = shared.expand(b * k, -1).view(b, k, -1), shared.expand(len(tail), -1)
+            head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
         else:
-            head_scale, tail_scale = self._scale[head], self._scale[tail]
-        return HeadTailMixture(self._loc.new_full((b, k), -math.log(n - 1)), self._current(self._loc[head]),
+            head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
+        return HeadTailMixture(head_logits, self._current(rows(self._loc, head)),
                                head_scale, tail_logits, self._current(self._loc[tail]), tail_scale,
                                self.max_elements)

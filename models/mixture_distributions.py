@@ -155,6 +155,7 @@ class HeadTailMixture(dist.MixtureSameFamily):
     """Per-point mixture of k local components and M components shared by the batch (event shape (D,)):
     sum_j softmax(l_b)_j N(z; head_loc_bj, diag head_scale_bj^2) + sum_m softmax(l_b)_{k+m} N(z; tail_loc_m, ...),
     with l_b = [head_logits_b, tail_logits_b] ((B, k) and (B, M); -inf drops a component for that point).
+    ``head_scale`` is (B, k, D), or (1, 1, D) when the whole head shares one scale (then never expanded).
 
     ``log_prob`` evaluates the head directly ((B, k, D)) and the tail by the quadratic expansion of
     ``gaussian_log_density_matrix`` in chunks of ``max_elements`` (queries x M) entries, so no (B, k + M, D)
@@ -165,9 +166,11 @@ class HeadTailMixture(dist.MixtureSameFamily):
                  tail_logits: torch.Tensor, tail_loc: torch.Tensor, tail_scale: torch.Tensor,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None):
         b, k, d = head_loc.shape
-        if (head_logits.shape != (b, k) or head_scale.shape != head_loc.shape or tail_loc.dim() != 2
-                or tail_scale.shape != tail_loc.shape or tail_logits.shape != (b, tail_loc.shape[0])):
-            raise ValueError("HeadTailMixture needs head_logits (B, k), head_loc and head_scale (B, k, D), tail_logits "
+        if (head_logits.shape != (b, k) or head_scale.shape not in (head_loc.shape, (1, 1, d))
+                or tail_loc.dim() != 2 or tail_scale.shape != tail_loc.shape
+                or tail_logits.shape != (b, tail_loc.shape[0])):
+            raise ValueError("HeadTailMixture needs head_logits (B, k), head_loc (B, k, D), head_scale (B, k, D) or "
+                             "(1, 1, D), tail_logits "
                              f"(B, M), tail_loc and tail_scale (M, D); got {tuple(head_logits.shape)}, "
                              f"{tuple(head_loc.shape)}, {tuple(tail_logits.shape)}, {tuple(tail_loc.shape)}")
         self.head_loc, self.head_scale, self.tail_loc, self.tail_scale = head_loc, head_scale, tail_loc, tail_scale
@@ -182,7 +185,7 @@ class HeadTailMixture(dist.MixtureSameFamily):
         if self._components is None:  # materialized (B, k + M, D) only for mean / variance / sample
             b = self.head_loc.shape[0]
             loc = torch.cat([self.head_loc, self.tail_loc.expand(b, -1, -1)], 1)
-            scale = torch.cat([self.head_scale, self.tail_scale.expand(b, -1, -1)], 1)
+            scale = torch.cat([self.head_scale.expand_as(self.head_loc), self.tail_scale.expand(b, -1, -1)], 1)
             self._components = dist.Normal(loc, scale, validate_args=False).to_event(1)
         return self._components.expand(self.batch_shape + self._components.batch_shape[-1:])
 
@@ -201,8 +204,13 @@ class HeadTailMixture(dist.MixtureSameFamily):
             raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
         z = value.expand(shape + value.shape[-1:]).reshape(-1, num_points, d)  # (S, B, D)
         log_w = self.mixture_distribution.logits.reshape(-1, num_points, k + self.tail_loc.shape[0])[0]
-        head = (-0.5 * ((z[:, :, None] - self.head_loc) / self.head_scale).pow(2).sum(-1)
-                - self.head_scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi))  # (S, B, k)
+        if self.head_scale.shape[:2] == (1, 1):  # one scale for the whole head: the quadratic form by bmm
+            precision = self.head_scale[0, 0].pow(-2)  # (D,)
+            cross = torch.bmm(self.head_loc, (z * precision).permute(1, 2, 0)).permute(2, 0, 1)  # (S, B, k)
+            squares = (z.pow(2) @ precision)[..., None] - 2 * cross + self.head_loc.pow(2) @ precision
+        else:
+            squares = ((z[:, :, None] - self.head_loc) / self.head_scale).pow(2).sum(-1)
+        head = -0.5 * squares - self.head_scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)  # (S, B, k)
         queries = z.reshape(-1, d)
         step = max(1, self.max_elements // self.tail_loc.shape[0])
         tail = torch.cat([gaussian_log_density_matrix(queries[i : i + step], self.tail_loc, self.tail_scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn import functional as F
 
 
 def random_table(n: int, k: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -28,7 +29,7 @@ def descend(table: torch.Tensor, index: torch.Tensor, subset: torch.Tensor, loc:
     """One NN-descent step for the points ``index``: each keeps the k nearest of its neighbours, its neighbours'
     neighbours and the k nearest of the points ``subset`` (M,)."""
     mine = table[index]
-    merge(table, index, torch.cat([mine, table[mine].flatten(1)], dim=1), subset, loc, sq_norm)  # (B, k + k^2)
+    merge(table, index, torch.cat([mine, rows(table, mine).flatten(1)], dim=1), subset, loc, sq_norm)  # (B, k + k^2)
 
 
 @torch.no_grad()
@@ -60,8 +61,14 @@ def squared_distances(loc: torch.Tensor, sq_norm: torch.Tensor, index: torch.Ten
     if other.dim() == 1:
         cross = query @ loc[other].T
     else:
-        cross = torch.bmm(loc[other], query[:, :, None]).squeeze(-1)
-    return sq_norm[index][:, None] - 2 * cross + sq_norm[other]
+        cross = torch.bmm(rows(loc, other), query[:, :, None]).squeeze(-1)
+    return sq_norm[index][:, None] - 2 * cross + sq_norm.take(other)
+
+
+def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 2-D ``table`` and an index of any shape, by ``embedding`` (a row copy): on the CPU
+    several times faster than advanced indexing with a 2-D index."""
+    return F.embedding(index, table)
 
 
 def not_in(sorted_ids: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:

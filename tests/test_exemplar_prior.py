@@ -282,3 +282,46 @@ def test_fit_with_epoch_components_records_error_and_lag():
                  progress=False)
     assert {"prior_error", "prior_lag", "prior_lag_mean"} <= set(result.history.columns)
     assert result.history["prior_lag"].between(0, 50).all()
+
+
+def test_a_two_hop_head_is_each_distinct_member_of_the_rows_and_their_rows_and_the_tail_stays_exact():
+    """hops=2: head_n = row_n and the rows of its members, each exemplar once and never n; with the tail over all
+    N the estimate is still the exact leave-one-out mixture of the cache, whatever the table holds."""
+    torch.manual_seed(0)
+    n = 12
+    x = torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=2, subset=n, components="epoch",
+                          hops=2).train()
+    index = torch.tensor([0, 5, 11])
+    prior(index)
+    table = prior._table
+    estimate = prior._estimate(index, refine=False)
+    for row, point in enumerate(index.tolist()):
+        members = {m for first in table[point].tolist() for m in [first, *table[first].tolist()]} - {point}
+        kept = estimate.head_loc[row][estimate.mixture_distribution.logits[row, : estimate.head_loc.shape[1]] > -1e30]
+        assert len(kept) == len(members)  # each member once
+        torch.testing.assert_close(kept, x[sorted(members)])
+    z = torch.randn(3, 2)
+    loo = _loo_logits(index, n)
+    torch.testing.assert_close(estimate.log_prob(z).double(), brute_force_mixture(z, loo, x, torch.full((n, 2), 0.7)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_two_hop_estimate_is_unbiased_in_density_over_the_tail_draws():
+    """With a tail of 8 draws among 40 exemplars, the mean of the estimated density over many draws is the exact
+    leave-one-out density: the per-row head sizes enter the tail's weight correctly."""
+    torch.manual_seed(0)
+    n = 40
+    x = torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=2, subset=8, components="epoch",
+                          hops=2).train()
+    index = torch.tensor([3, 17, 30])
+    prior(index)
+    z = torch.randn(3, 2)
+    generator = torch.Generator().manual_seed(1)
+    densities = torch.stack([prior._estimate(index, refine=False, generator=generator).log_prob(z).double().exp()
+                             for _ in range(4000)])
+    exact = brute_force_mixture(z, _loo_logits(index, n), x, torch.full((n, 2), 0.7)).exp()
+    standard_error = densities.std(0) / math.sqrt(len(densities))
+    assert ((densities.mean(0) - exact).abs() < 4 * standard_error).all(), (densities.mean(0), exact, standard_error)
+    assert (standard_error > 0).all()  # the draws did vary: the check is not void

@@ -91,20 +91,23 @@ def test_gaussian_mixture_with_one_shared_scale_equals_float64_brute_force(share
     torch.testing.assert_close(got, expected, atol=1e-9, rtol=0)
 
 
-def test_head_tail_mixture_log_prob_equals_float64_brute_force_over_per_point_components():
+@pytest.mark.parametrize("shared_head_scale", [False, True])  # (B, k, D) scales, or one (1, 1, D) for the head
+def test_head_tail_mixture_log_prob_equals_float64_brute_force_over_per_point_components(shared_head_scale):
     gen = torch.Generator().manual_seed(1)
     b, k, m, d, s = 3, 2, 5, 3, 4
     head_logits, tail_logits = torch.randn(b, k, generator=gen), torch.randn(b, m, generator=gen)
     tail_logits[1, 3] = -math.inf
     head_loc, tail_loc = 2 * torch.randn(b, k, d, generator=gen), 2 * torch.randn(m, d, generator=gen)
     head_scale, tail_scale = 0.3 + torch.rand(b, k, d, generator=gen), 0.3 + torch.rand(m, d, generator=gen)
+    if shared_head_scale:
+        head_scale = head_scale[:1, :1]
     mixture = HeadTailMixture(head_logits, head_loc, head_scale, tail_logits, tail_loc, tail_scale, max_elements=2 * m)
     z = 2 * torch.randn(s, b, d, generator=gen)
     got = mixture.log_prob(z)
     assert got.shape == (s, b) and isinstance(mixture, dist.MixtureSameFamily)
     log_w = torch.cat([head_logits, tail_logits], -1).log_softmax(-1)
     for p in range(b):  # point p's components: its own head, then the shared tail
-        loc, scale = torch.cat([head_loc[p], tail_loc]), torch.cat([head_scale[p], tail_scale])
+        loc, scale = torch.cat([head_loc[p], tail_loc]), torch.cat([head_scale.expand_as(head_loc)[p], tail_scale])
         want = brute_force_mixture(z[:, p], log_w[p].expand(s, -1), loc, scale)
         torch.testing.assert_close(got[:, p].double(), want, atol=1e-4, rtol=0)
     torch.testing.assert_close(mixture.expand((s, b)).log_prob(z), got)

@@ -12,6 +12,9 @@ against the tail size M (``--error-subsets``), on the same cache.
 
     vae-priors bench mixture-prior --data ../shared/data/binarized_mnist/binarized_mnist.npz
 
+``--model CONFIG`` builds the nets and the exemplar prior from a run config's ``[model]`` instead (gated layers,
+a shared variance, ``exemplar_components = "epoch"``: then "refresh" is the epoch's renewal, all N encoded again).
+
 ``--epoch-cost CONFIG`` instead times whole epochs through ``fit`` (steps, validation with the exact mixture, the
 cache's ``end_epoch``) of ``vae`` and ``vae-exemplar`` under a run config, taking turns: the per-epoch ratio.
 """
@@ -95,11 +98,13 @@ def stale_errors(prior, step, x: torch.Tensor, steps: int, subsets: list[int], n
 
 
 def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_size: int, seed: int,
-        error_points: int = 512, stale_steps: int = 100, error_subsets: tuple[int, ...] = (256, 512, 1024)) -> None:
+        error_points: int = 512, stale_steps: int = 100, error_subsets: tuple[int, ...] = (256, 512, 1024),
+        model: ModelConfig | None = None) -> None:
     train = torch.as_tensor(np.load(data_path)["train"], dtype=torch.float32)
-    cfg = dict(latent_dim=40, hidden=[300, 300])
+    model = model or ModelConfig(latent_dim=40, hidden=[300, 300])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, reps {reps} "
-          f"(exact path: {exact_reps} at N > 10000)")
+          f"(exact path: {exact_reps} at N > 10000); nets {model.layer} {model.hidden}, {model.latent_dim} latents, "
+          f"exemplar variance {model.exemplar_variance}, components {model.exemplar_components}")
     header = (f"{'N':>6} {'path':<9} {'median ms':>10} {'x vae':>7} {'x vae +refresh':>15} {'refresh s':>10} "
               f"{'fresh |err|':>11} {'mean err':>9} {'stale |err|':>11} {'mean err':>9}")
     print(header)
@@ -109,7 +114,7 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
         pairs, steps = {}, {}
         for name, path in (("vae", None), ("exact", "exact"), ("scalable", "scalable")):
             pyro.set_rng_seed(seed)
-            model_cfg = ModelConfig(**cfg, exemplar_path=path or "auto")  # the default tail size M
+            model_cfg = dataclasses.replace(model, exemplar_path=path or "auto")
             pairs[name] = get_variant("vae" if path is None else "vae-exemplar").factory(data, model_cfg, "bernoulli")
             steps[name] = make_step(pairs[name], x, batch_size, seed)
             for _ in range(2):  # warm-up (oneDNN) and the scalable path's first cache build
@@ -122,6 +127,8 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
                 times[name].append(step())
         prior = pairs["scalable"].model.prior
         start = time.perf_counter()
+        if prior.components == "epoch":  # a new epoch: all N encoded again, then the cache on them
+            prior._renew_components()
         prior.refresh()
         refresh = time.perf_counter() - start
         subsets = sorted({min(m, n) for m in (*error_subsets, prior.subset)})
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--error-subsets", type=int, nargs="+", default=[256, 512, 1024], help="tail sizes M")
     parser.add_argument("--epoch-cost", type=Path, metavar="CONFIG",
                         help="instead: whole epochs of vae and vae-exemplar under this run config, side by side")
+    parser.add_argument("--model", type=Path, metavar="CONFIG", help="take the nets and the exemplar settings from "
+                        "this run config's [model] (default: 784-300-300-40 ReLU nets, encoder variances)")
     parser.add_argument("--epochs", type=int, default=3, help="with --epoch-cost: epochs per turn")
     parser.add_argument("--rounds", type=int, default=2, help="with --epoch-cost: turns of each variant")
     args = parser.parse_args(argv)
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass --data PATH/binarized_mnist.npz")
     run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed, args.error_points,
-        args.stale_steps, args.error_subsets)
+        args.stale_steps, args.error_subsets, load_config(args.model).model if args.model else None)
 
 
 if __name__ == "__main__":
