@@ -38,7 +38,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
        neighbours, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
        k nearest of that step's tail draws (for later visits; the step itself uses the old head;
        ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of its members (up to k + k^2
-       distinct exemplars), and each visit is an NN-descent step for the batch's rows;
+       distinct exemplars);
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -269,11 +269,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
         # the same draws on every rank (not the ranks' own Monte Carlo streams): their tables stay equal
         rng = torch.Generator(device=x.device).manual_seed(self._sweeps)
         self._sweeps += 1
-        new = self._table is None or self._table.device != x.device
-        if new:
+        if self._table is None or self._table.device != x.device:
             self._table = random_table(n, k, x.device, rng)
-        # one NN-descent sweep (with hops=2 the steps make one over the epoch: only a new table needs this one)
-        for chunk in torch.arange(n, device=x.device).split(1024) if new or self.hops == 1 else ():
+        for chunk in torch.arange(n, device=x.device).split(1024):  # one NN-descent sweep
             subset = torch.randint(0, n, (self.subset,), device=x.device, generator=rng)
             descend(self._table, chunk, subset, self._loc, self._sq_norm)
         self._seen = 0
@@ -343,10 +341,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1))
         log_tail = ((n - 1 - distinct) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
-        if refine and self.subset < n and self.hops == 2:  # for later visits: an NN-descent step for the batch
-            descend(self._table, index, tail, self._loc, self._sq_norm)
-        elif refine and self.subset < n:
-            merge(self._table, index, head, tail, self._loc, self._sq_norm)
+        if refine and self.subset < n:  # for later visits
+            merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)

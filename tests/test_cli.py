@@ -198,7 +198,7 @@ def test_bench_exemplar_heads_compares_head_choices_against_the_exact_mixture_of
     for line in ("nearest of its own component", "nearest of its current mean", "nearest of z", "IVF", "vae step"):
         assert line in result.stdout, line
     errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
-    assert len(errors) == 9 and all(0 <= e < 100 for e in errors)
+    assert len(errors) == 10 and all(0 <= e < 100 for e in errors)
 
 
 def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):

@@ -10,7 +10,8 @@ training points, and compares the head/tail estimate of log p(z | not n) (head e
 mixture, for heads chosen in different ways (nats per point, mean |error| and mean):
 
 * the k (5k, 10k) nearest components of the point's own component, or the k of its current mean (a table built
-  once per epoch can hold these: the own component does not move within an epoch);
+  once per epoch can hold these: the own component does not move within an epoch); the k nearest and their own k
+  nearest (what ``hops=2`` takes from an exact table);
 * the k (or 5k) nearest components of z itself (a search per sample);
 * IVF: the members of the ``probe`` clusters nearest to z, of a k-means partition of the components.
 
@@ -98,7 +99,13 @@ def run(run_dir: Path, points: int, tail: int, seed: int) -> None:
         d2[torch.arange(points), index] = math.inf
         return list(d2.topk(min(count, len(x) - 1), 1, largest=False).indices)
 
-    for label, heads in ((f"{k} nearest of its own component", nearest(comp_loc[index], k)),
+    own = torch.stack(nearest(comp_loc[index], k))  # (points, k)
+    d2 = comp_loc.pow(2).sum(1) - 2 * comp_loc[own.flatten()] @ comp_loc.T
+    d2[torch.arange(own.numel()), own.flatten()] = math.inf
+    second = d2.topk(min(k, len(x) - 1), 1, largest=False).indices.view(points, -1)  # their own k nearest
+    two_hops = list(torch.cat([own, second], 1))  # what hops=2 takes from an exact table (n itself is dropped)
+    for label, heads in ((f"{k} nearest of its own component", list(own)),
+                         (f"the same and their {k} nearest (2 hops)", two_hops),
                          (f"{5 * k} nearest of its own component", nearest(comp_loc[index], 5 * k)),
                          (f"{10 * k} nearest of its own component", nearest(comp_loc[index], 10 * k)),
                          (f"{k} nearest of its current mean", nearest(now_loc[index], k)),
