@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
-from vae_priors.models.neighbor_table import descend, merge, not_in, random_table, rows
+from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
 
 
 class ExemplarPrior(_MixtureOfPosteriors):
@@ -34,8 +34,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
        epoch), and ``end_epoch`` (called by ``fit`` after validation, whose exact mixture encodes all N anyway)
        replaces it. ``refresh_points`` > 0 adds a re-encoding after that many points.
     2. head: for each training point n a table of its k nearest exemplars in the cache (Euclidean distance
-       between cached means), improved by one NN-descent sweep per epoch over {current neighbours, their
-       neighbours, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
+       between cached means), improved by one NN-descent sweep per epoch over {its neighbours and reverse
+       neighbours, theirs, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
        k nearest of that step's tail draws (for later visits; the step itself uses the old head;
        ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of its members (up to k + k^2
        distinct exemplars);
@@ -271,9 +271,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self._sweeps += 1
         if self._table is None or self._table.device != x.device:
             self._table = random_table(n, k, x.device, rng)
-        for chunk in torch.arange(n, device=x.device).split(1024):  # one NN-descent sweep
-            subset = torch.randint(0, n, (self.subset,), device=x.device, generator=rng)
-            descend(self._table, chunk, subset, self._loc, self._sq_norm)
+        sweep(self._table, self._loc, self.subset, rng)
         self._seen = 0
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 A table is an (N, k) tensor of indices: for each point, k distinct other points (never itself) that are about its
 nearest by Euclidean distance between the vectors ``loc`` given at each call, so it follows vectors that change
-between calls. It starts random and is improved in place by NN-descent steps (Dong et al. 2011) and by merging in
+between calls. It starts random and is improved in place by NN-descent sweeps (Dong et al. 2011) and by merging in
 candidates a caller meets anyway (an estimate's tail draws); no operation searches all N.
 """
 
@@ -24,12 +24,36 @@ def random_table(n: int, k: int, device: torch.device, generator: torch.Generato
 
 
 @torch.no_grad()
-def descend(table: torch.Tensor, index: torch.Tensor, subset: torch.Tensor, loc: torch.Tensor,
-            sq_norm: torch.Tensor) -> None:
-    """One NN-descent step for the points ``index``: each keeps the k nearest of its neighbours, its neighbours'
-    neighbours and the k nearest of the points ``subset`` (M,)."""
-    mine = table[index]
-    merge(table, index, torch.cat([mine, rows(table, mine).flatten(1)], dim=1), subset, loc, sq_norm)  # (B, k + k^2)
+def sweep(table: torch.Tensor, loc: torch.Tensor, pool: int, generator: torch.Generator, width: int = 5,
+          chunk: int = 1024) -> None:
+    """One NN-descent sweep over all points (Dong et al. 2011): each row becomes the k nearest of itself, its
+    reverse neighbours (up to k points whose rows hold it, drawn at random), the rows and reverse rows of its
+    ``width`` first neighbours, and the k nearest of ``pool`` random points. Reverse neighbours make it converge
+    in a few sweeps where forward ones alone take many (BENCHMARKS.md section 2)."""
+    n, sq_norm = loc.shape[0], loc.pow(2).sum(1)
+    back = reverse_rows(table, generator)
+    for index in torch.arange(n, device=loc.device).split(chunk):
+        near = table[index, :width]
+        candidates = torch.cat([table[index], back[index], rows(table, near).flatten(1), rows(back, near).flatten(1)],
+                               1)
+        merge(table, index, candidates, torch.randint(0, n, (pool,), device=loc.device, generator=generator), loc,
+              sq_norm)
+
+
+def reverse_rows(table: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, k): for each point up to k points whose rows hold it, drawn at random; a point listed by fewer keeps its
+    own row's first entries in the remaining places."""
+    n, k = table.shape
+    order = torch.randperm(n * k, device=table.device, generator=generator)
+    held, holder = table.flatten()[order], torch.div(order, k, rounding_mode="floor")
+    by_held = torch.argsort(held, stable=True)
+    held, holder = held[by_held], holder[by_held]
+    counts = torch.bincount(held, minlength=n)
+    place = torch.arange(n * k, device=table.device) - (torch.cumsum(counts, 0) - counts)[held]
+    back = table.clone()
+    keep = place < k
+    back[held[keep], place[keep]] = holder[keep]
+    return back
 
 
 @torch.no_grad()
