@@ -104,7 +104,8 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
     model = model or ModelConfig(latent_dim=40, hidden=[300, 300])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch_size}, reps {reps} "
           f"(exact path: {exact_reps} at N > 10000); nets {model.layer} {model.hidden}, {model.latent_dim} latents, "
-          f"exemplar variance {model.exemplar_variance}, components {model.exemplar_components}")
+          f"exemplar variance {model.exemplar_variance}, components {model.exemplar_components}, hops "
+          f"{model.exemplar_hops}")
     header = (f"{'N':>6} {'path':<9} {'median ms':>10} {'x vae':>7} {'x vae +refresh':>15} {'refresh s':>10} "
               f"{'fresh |err|':>11} {'mean err':>9} {'stale |err|':>11} {'mean err':>9}")
     print(header)
