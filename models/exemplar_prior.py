@@ -260,8 +260,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         if self.components == "epoch":  # the cache is the components themselves, never written to
             loc, scale = self._components()
         elif loc is None:
-            parts = [self.guide.encode(x[i : i + 4096]).base_dist for i in range(0, n, 4096)]
-            loc, scale = torch.cat([p.loc for p in parts]), torch.cat([p.scale for p in parts])
+            loc, scale = self._encode_all()
         self._loc, self._scale = (loc, scale) if self.components == "epoch" else (loc.clone(), scale.clone())
         self._sq_norm = self._loc.pow(2).sum(-1)
         if self.drift == "affine":  # a new frame: the map starts at the identity
@@ -295,12 +294,11 @@ class ExemplarPrior(_MixtureOfPosteriors):
             rng = torch.Generator(device=loc.device).manual_seed(10_000 + self._sweeps)
             index = torch.randperm(self.num_exemplars, device=loc.device, generator=rng)[: self.track_points]
             z = loc[index] + scale[index] * torch.randn(loc[index].shape, device=loc.device, generator=rng)
-            error = self.estimate_error(index, z, *self._components(), rng)
+            exact = self._exact_log_prob(index, z, *self._components())
+            error = self._estimated_log_prob(index, z, rng) - exact
             summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item()}
             if self.components == "epoch":
-                lag = torch.cat([self.mixture(part, *self._components()).log_prob(at)
-                                 - self.mixture(part, loc, scale).log_prob(at)
-                                 for part, at in zip(index.split(64), z.split(64), strict=True)])
+                lag = exact - self._exact_log_prob(index, z, loc, scale)
                 summary.update(prior_lag=lag.abs().mean().item(), prior_lag_mean=lag.mean().item())
         if self.components == "current":
             self.refresh(loc, scale)
@@ -311,10 +309,19 @@ class ExemplarPrior(_MixtureOfPosteriors):
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """Per training point ``index``: the training estimate of log p(z | not n) from the cache and table minus
         the exact leave-one-out value from the encodings ``loc``, ``scale`` (the table is not refined)."""
-        errors = [self._estimate(part, refine=False, generator=generator).log_prob(at)
-                  - self.mixture(part, loc, scale).log_prob(at) for part, at in zip(index.split(64), z.split(64),
-                                                                                     strict=True)]
-        return torch.cat(errors)
+        return self._estimated_log_prob(index, z, generator) - self._exact_log_prob(index, z, loc, scale)
+
+    def _estimated_log_prob(self, index: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None
+                            ) -> torch.Tensor:
+        """The training estimate of log p(z | not n), in chunks of 64 points (the table is not refined)."""
+        return torch.cat([self._estimate(part, refine=False, generator=generator).log_prob(at)
+                          for part, at in zip(index.split(64), z.split(64), strict=True)])
+
+    def _exact_log_prob(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+                        ) -> torch.Tensor:
+        """The exact leave-one-out log p(z | not n) of the components ``loc``, ``scale``, in chunks of 64 points."""
+        return torch.cat([self.mixture(part, loc, scale).log_prob(at)
+                          for part, at in zip(index.split(64), z.split(64), strict=True)])
 
     def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
                   ) -> HeadTailMixture:

@@ -13,7 +13,8 @@ mixture, for heads chosen in different ways (nats per point, mean |error| and me
   once per epoch can hold these: the own component does not move within an epoch); the k nearest and their own k
   nearest (what ``hops=2`` takes from an exact table);
 * the k (or 5k) nearest components of z itself (a search per sample);
-* IVF: the members of the ``probe`` clusters nearest to z, of a k-means partition of the components.
+* IVF: the members of the ``probe`` clusters nearest to z, of a k-means partition of the components
+  (scikit-learn's ``KMeans``, 8 Lloyd iterations).
 
 It then times, per batch of 100 samples on one thread, the two searches around z (brute force over all N; IVF
 with the partition built) against a ``vae`` training step of the same nets.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from sklearn.cluster import KMeans
 
 from vae_priors.experiments.benchmarks.mixture_prior_bench import make_step
 from vae_priors.experiments.files import load_torch
@@ -36,16 +38,6 @@ from vae_priors.experiments.runs.layout import build_pair, load_run
 from vae_priors.experiments.runtime import set_threads
 from vae_priors.experiments.training.objectives import make_elbo
 from vae_priors.models.mixture_distributions import gaussian_log_density_matrix
-
-
-def kmeans(points: torch.Tensor, clusters: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
-    """Cluster of each point after ``iterations`` Lloyd steps from random points (squared distances by matmul)."""
-    centres = points[torch.randperm(points.shape[0], generator=generator)[:clusters]].clone()
-    for _ in range(iterations + 1):
-        assign = (centres.pow(2).sum(1) - 2 * points @ centres.T).argmin(1)
-        counts = torch.bincount(assign, minlength=clusters).clamp_min(1)
-        centres = torch.zeros_like(centres).index_add_(0, assign, points) / counts[:, None]
-    return assign
 
 
 def head_tail_error(z: torch.Tensor, index: torch.Tensor, heads: list[torch.Tensor], loc: torch.Tensor,
@@ -117,9 +109,8 @@ def run(run_dir: Path, points: int, tail: int, seed: int) -> None:
         probe = min(probe, clusters)
         if clusters not in partitions:
             start = time.perf_counter()
-            assign = kmeans(comp_loc, clusters, 8, gen)
-            centres = torch.zeros(clusters, comp_loc.shape[1]).index_add_(0, assign, comp_loc)
-            centres /= torch.bincount(assign, minlength=clusters).clamp_min(1)[:, None]
+            fitted = KMeans(clusters, n_init=1, max_iter=8, random_state=seed).fit(comp_loc.numpy())
+            assign, centres = torch.as_tensor(fitted.labels_), torch.as_tensor(fitted.cluster_centers_)
             members = [torch.nonzero(assign == c).flatten() for c in range(clusters)]
             partitions[clusters] = centres, members, time.perf_counter() - start
         centres, members, built = partitions[clusters]
