@@ -50,6 +50,7 @@ class ModelConfig:
     exemplar_drift_batches: int = 3  # scalable path, affine drift: recent batches the map is fitted on
     exemplar_components: str = "current"  # current (the encoder's, as it moves) | epoch (fixed for each epoch)
     exemplar_hops: int = 1  # scalable path: head = each point's table row (1), and its members' rows too (2)
+    exemplar_sweeps: int = 1  # scalable path: most NN-descent sweeps of the table per renewal (until it settles)
 
 
 @dataclass
@@ -138,7 +139,8 @@ CHOICES = {
 }
 POSITIVE = [("model", "latent_dim"), ("model", "num_pseudo_inputs"), ("svi", "num_particles"), ("svi", "epochs"),
             ("svi", "batch_size"), ("svi", "lr"), ("svi", "clip_norm"), ("svi", "patience"),
-            ("svi", "max_minutes"), ("eval", "num_particles"), ("model", "exemplar_drift_batches")]
+            ("svi", "max_minutes"), ("eval", "num_particles"), ("model", "exemplar_drift_batches"),
+            ("model", "exemplar_sweeps")]
 
 
 def check(config: RunConfig) -> RunConfig:

@@ -17,6 +17,9 @@ from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, Gaussi
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
 from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
 
+SWEEP_POOL = 256  # random candidates per chunk of a table sweep
+SETTLED = 0.1  # a sweep that renews less than this share of the table's entries ends the renewal's sweeps
+
 
 class ExemplarPrior(_MixtureOfPosteriors):
     """Exemplar prior over the N training points (Norouzi et al. 2020, eq. 4), leave-one-out in training.
@@ -34,11 +37,12 @@ class ExemplarPrior(_MixtureOfPosteriors):
        epoch), and ``end_epoch`` (called by ``fit`` after validation, whose exact mixture encodes all N anyway)
        replaces it. ``refresh_points`` > 0 adds a re-encoding after that many points.
     2. head: for each training point n a table of its k nearest exemplars in the cache (Euclidean distance
-       between cached means), improved by one NN-descent sweep per epoch over {its neighbours and reverse
-       neighbours, theirs, the k nearest of a random subset} (Dong et al. 2011) and after every visit by merging in the
-       k nearest of that step's tail draws (for later visits; the step itself uses the old head;
-       ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of its members (up to k + k^2
-       distinct exemplars);
+       between cached means), improved at each renewal by NN-descent sweeps over {its neighbours and reverse
+       neighbours, theirs, the k nearest of a random subset} (Dong et al. 2011): up to ``sweeps``, until one renews
+       less than a tenth of the table (a young table takes about six, a settled one one), and, with current
+       components, after every visit by merging in the k nearest of that step's tail draws (for later visits; the
+       step itself uses the old head; ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of
+       its members (up to k + k^2 distinct exemplars);
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -79,7 +83,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
     def __init__(self, guide: nn.Module, train_x: torch.Tensor, variance: str = "encoder", path: str = "exact",
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
-                 drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1):
+                 drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
+                 sweeps: int = 1):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -98,6 +103,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
         if components == "epoch" and (drift != "none" or refresh_points):
             raise ValueError("epoch components are renewed once per epoch and never move in between: use "
                              "drift=\"none\" and refresh_points=0 with them")
+        if sweeps < 1:
+            raise ValueError(f"exemplar sweeps must be >= 1 (most NN-descent sweeps of the table per renewal), got "
+                             f"{sweeps}")
         if drift_batches < 1:
             raise ValueError(f"exemplar drift_batches must be >= 1 (recent batches the affine map is fitted on), got "
                              f"{drift_batches}")
@@ -114,6 +122,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self._loc = self._scale = self._table = self._batch = self._anchor = self._map = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
+        self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step
         if components == "epoch":  # the prior before any training: the initial encoder's
             loc, scale = self._encode_all()
@@ -173,7 +182,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
         fresh = self._take_batch(index)
         if fresh is not None and self.drift == "none":
             self._store(index, *fresh)
-        estimate = self._estimate(index, refine=self.refine)
+        # with epoch components a point's next visit comes after the renewal and the sweep: merging this step's
+        # draws into its row would cost a search per step for a table the sweep rebuilds (BENCHMARKS.md section 2)
+        estimate = self._estimate(index, refine=self.refine and self.components == "current")
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             self._share_updates(index, fresh)
         elif fresh is not None and self.drift == "affine":  # after the estimate, as under DDP: one semantics
@@ -270,8 +281,10 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self._sweeps += 1
         if self._table is None or self._table.device != x.device:
             self._table = random_table(n, k, x.device, rng)
-        sweep(self._table, self._loc, self.subset, rng)
-        self._seen = 0
+        done, new = 0, math.inf
+        while done < self.sweeps and new >= SETTLED:  # until the table settles: a young one needs several sweeps
+            new, done = sweep(self._table, self._loc, SWEEP_POOL, rng), done + 1
+        self._swept, self._seen = (done, new), 0
 
     @torch.no_grad()
     def end_epoch(self) -> dict[str, float]:
@@ -280,10 +293,11 @@ class ExemplarPrior(_MixtureOfPosteriors):
         Called by ``fit`` after each epoch's validation (which, with current components, has just encoded all N
         exemplars: the encodings are reused). Returns ``prior_error`` (mean |estimate - exact| of log p(z | not n),
         nats per point) and ``prior_error_mean`` (its signed mean), for z ~ q(z|x_n) at ``track_points`` random
-        training points; {} on the exact path or before any step. With epoch components the exact mixture is this
-        epoch's, and ``prior_lag`` (``prior_lag_mean``) is the mean |log p(z | not n)| difference between it and
-        the mixture over the current encoder; the components are renewed before the next step, not here, so that
-        the checkpoint holds the prior that was validated.
+        training points, with ``table_sweeps`` and ``table_new``: the sweeps of the table at the last renewal and
+        the share of its entries the last one renewed; {} on the exact path or before any step. With epoch
+        components the exact mixture is this epoch's, and ``prior_lag`` (``prior_lag_mean``) is the mean
+        |log p(z | not n)| difference between it and the mixture over the current encoder; the components are
+        renewed before the next step, not here, so that the checkpoint holds the prior that was validated.
         """
         self._due = True
         if self.path != "scalable" or self._loc is None:
@@ -296,7 +310,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
             z = loc[index] + scale[index] * torch.randn(loc[index].shape, device=loc.device, generator=rng)
             exact = self._exact_log_prob(index, z, *self._components())
             error = self._estimated_log_prob(index, z, rng) - exact
-            summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item()}
+            summary = {"prior_error": error.abs().mean().item(), "prior_error_mean": error.mean().item(),
+                       "table_sweeps": self._swept[0], "table_new": self._swept[1]}
             if self.components == "epoch":
                 lag = exact - self._exact_log_prob(index, z, loc, scale)
                 summary.update(prior_lag=lag.abs().mean().item(), prior_lag_mean=lag.mean().item())
@@ -343,7 +358,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
             head_logits = torch.where(dropped, -math.inf, -math.log(n - 1))
             distinct = (~dropped).sum(1, keepdim=True)
         tail = tail.sort().values
-        in_tail = not_in(tail, torch.cat([index[:, None], head], 1))
+        in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
         log_tail = ((n - 1 - distinct) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
         if refine and self.subset < n:  # for later visits

@@ -325,3 +325,31 @@ def test_a_two_hop_estimate_is_unbiased_in_density_over_the_tail_draws():
     standard_error = densities.std(0) / math.sqrt(len(densities))
     assert ((densities.mean(0) - exact).abs() < 4 * standard_error).all(), (densities.mean(0), exact, standard_error)
     assert (standard_error > 0).all()  # the draws did vary: the check is not void
+
+
+def test_a_renewal_sweeps_a_young_table_until_it_settles_and_a_settled_one_once():
+    """sweeps=8: the first renewal (random rows) sweeps until a sweep renews under a tenth of the entries, which
+    leaves the table near the exact k nearest (brute force); the next renewal on the same components sweeps once.
+    ``end_epoch`` reports both numbers; sweeps=1 always sweeps once."""
+    torch.manual_seed(0)
+    x = torch.randn(400, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=4, subset=32, components="epoch",
+                          sweeps=8).train()
+    prior(torch.arange(3))
+    young = prior.end_epoch()
+    distances = torch.cdist(x, x).fill_diagonal_(math.inf)
+    exact = distances.topk(4, largest=False).indices
+    recall = (prior._table[:, :, None] == exact[:, None, :]).any(-1).double().mean().item()
+    assert 1 < young["table_sweeps"] <= 8 and recall > 0.9
+    assert young["table_new"] < 0.1 or young["table_sweeps"] == 8
+    prior(torch.arange(3))  # renewed from the same encoder: the same components
+    settled = prior.end_epoch()
+    assert settled["table_sweeps"] == 1 and settled["table_new"] < 0.1
+    once = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=4, subset=32, components="epoch").train()
+    once(torch.arange(3))
+    assert once.end_epoch()["table_sweeps"] == 1
+
+
+def test_sweeps_below_one_are_refused():
+    with pytest.raises(ValueError, match="sweeps must be >= 1"):
+        ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, sweeps=0)

@@ -118,7 +118,12 @@ def test_scalable_tail_mask_drops_exactly_the_point_and_its_head():
     tail = torch.tensor([0, 2, 2, 5, 7, 7, 9])
     excluded = torch.tensor([[2, 9], [7, 1], [3, 4]])
     brute = torch.tensor([[t not in row for t in tail.tolist()] for row in excluded.tolist()])
-    assert torch.equal(not_in(tail, excluded), brute)
+    assert torch.equal(not_in(tail, excluded, 10), brute)
+    gen = torch.Generator().manual_seed(0)  # many duplicates and hits: 300 draws of 50 ids against rows of 20
+    tail, excluded = torch.randint(0, 50, (300,), generator=gen).sort().values, torch.randint(0, 50, (8, 20),
+                                                                                                 generator=gen)
+    brute = torch.tensor([[t not in row for t in tail.tolist()] for row in excluded.tolist()])
+    assert torch.equal(not_in(tail, excluded, 50), brute)
 
 
 def test_gaussian_mixture_samples_follow_the_mixture_weights():
@@ -236,3 +241,10 @@ def test_logsumexp_rows_matches_torch_on_wide_rows_with_excluded_and_empty_rows(
     assert got[4] == -math.inf
     got[:4].sum().backward()
     torch.testing.assert_close(matrix.grad[:4], matrix[:4].detach().softmax(-1), atol=1e-12, rtol=0)
+    scratch = matrix.detach().clone()  # overwrite=True, no gradient: the same values, the matrix used as scratch
+    torch.testing.assert_close(mixture_distributions.logsumexp_rows(scratch, overwrite=True), got.detach(), atol=0,
+                               rtol=0)
+    assert not torch.equal(scratch, matrix.detach())
+    kept = matrix.detach().clone().requires_grad_(True)  # with a gradient to take it leaves the input alone
+    mixture_distributions.logsumexp_rows(kept, overwrite=True).sum()
+    assert torch.equal(kept.detach(), matrix.detach())

@@ -53,7 +53,7 @@ def make_step(pair, x: torch.Tensor, batch_size: int, seed: int):
     def step() -> float:
         index = torch.randperm(n, generator=gen)[:batch_size]
         start = time.perf_counter()
-        with subsample(index, n):
+        with subsample(index, n), pyro.validation_enabled(False):  # as fit's steps after its first
             loss = objective(x[index]) / n
         optimizer.zero_grad()
         loss.backward()
