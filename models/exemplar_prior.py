@@ -132,6 +132,33 @@ class ExemplarPrior(_MixtureOfPosteriors):
         if path == "scalable" and components == "current" and isinstance(encoder, nn.Module):
             encoder.register_forward_hook(self._remember_batch)
 
+    def get_extra_state(self) -> dict:
+        """What the scalable path holds beside the buffers, so that a resumed run continues bit for bit: the
+        neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache."""
+        state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
+                 "due": self._due}
+        if self.components == "current":
+            state.update(loc=self._loc, scale=self._scale)
+        return state
+
+    def set_extra_state(self, state: dict | None) -> None:
+        if state is None:  # a checkpoint from before the table was saved: the next step builds it again
+            self._table = self._loc = None
+            return
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731 (never shared with a saved state_dict)
+        self._table, self._sweeps, self._swept = clone(state["table"]), state["sweeps"], state["swept"]
+        self._seen, self._due = state["seen"], state["due"]
+        if self.components == "current":
+            self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
+        else:  # the cache is the component buffers, loaded before this
+            self._loc, self._scale = (None, None) if self._table is None else self._components()
+        if self._loc is not None:
+            self._sq_norm = self._loc.pow(2).sum(-1)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        state_dict.setdefault(prefix + "_extra_state", None)  # load_state_dict passes its own copy
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @property
     def num_exemplars(self) -> int:
         return self.train_x.shape[0]
