@@ -122,7 +122,10 @@ def load_state(module: torch.nn.Module, state: object, path: str | Path, what: s
         raise FileFormatError(f"{path} does not hold a {what} (found {type(state).__name__}); restore it, or delete it "
                               "to redo that step")
     own = module.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    # a module's extra state (derived, such as the exemplar prior's neighbour table) may postdate the file: the
+    # module rebuilds it (``ExemplarPrior._load_from_state_dict``)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("._extra_state"))
+    extra = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and getattr(state[k], "shape", None) is not None and state[k].shape != own[k].shape]
     problems = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
