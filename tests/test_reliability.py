@@ -228,6 +228,9 @@ def test_a_killed_run_resumed_gives_the_metrics_of_an_uninterrupted_run(workdir)
     result = vae_priors("run", "--resume", out, "--threads", "1", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert_same_results(run, workdir / "full")
+    metrics, history = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "history.csv")
+    for name, fit_seconds in zip(metrics.variant, metrics.fit_seconds, strict=True):  # earlier sessions counted
+        assert fit_seconds >= history.seconds[history.variant == name].sum()
     for name in ("config.toml", "provenance.toml", "pairs/vae.pt", "pairs/vae-local-guide.pt",
                  "pointwise/vae.csv", "pointwise/vae-local-guide.csv", "checkpoints/vae-local-guide.pt"):
         assert (run / name).is_file(), name

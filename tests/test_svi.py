@@ -15,7 +15,7 @@ from vae_priors.experiments.config import SVIConfig
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.files import FileFormatError, StateMismatchError
 from vae_priors.experiments.registry import Pair, get_variant
-from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit, mean_elbo
+from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit, mean_elbo, trained_seconds
 from vae_priors.models.linear_gaussian import ExactPosteriorGuide
 from vae_priors.models.plate import subsample
 
@@ -210,3 +210,11 @@ def test_the_same_seed_gives_identical_training_and_another_seed_does_not(digits
     pd.testing.assert_frame_equal(h1, h2)
     assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
     assert not h1.train_elbo.equals(h3.train_elbo)
+
+
+def test_trained_seconds_of_a_checkpoint_are_its_epochs_seconds(digits300, small_model_config, tmp_path):
+    """A resumed run's ``fit_seconds`` adds these: the epochs trained in earlier sessions."""
+    pair = get_variant("vae").factory(digits300, small_model_config, "bernoulli")
+    result = fit(pair, digits300, SVIConfig(epochs=2, batch_size=100), seed=1, checkpoint=tmp_path / "c.pt")
+    assert trained_seconds(tmp_path / "c.pt") == pytest.approx(result.history.seconds.sum(), rel=1e-12)
+    assert trained_seconds(tmp_path / "c.pt") > 0

@@ -42,7 +42,7 @@ from vae_priors.experiments.runs.layout import (
 )
 from vae_priors.experiments.runtime import provenance, set_threads
 from vae_priors.experiments.training import distributed
-from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit
+from vae_priors.experiments.training.svi import NonFiniteLossError, check_checkpoint, fit, trained_seconds
 
 
 def _resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -259,9 +259,10 @@ def _train_variant(args: argparse.Namespace, config: RunConfig, run_dir: Path, n
     """Train (or continue from its checkpoint) and evaluate one variant; its metrics row and history."""
     start = time.perf_counter()
     checkpoint = _checkpoint(run_dir, name)
+    earlier = trained_seconds(checkpoint) if resume and checkpoint.is_file() else 0.0  # earlier sessions' epochs
     result = fit(pair, dataset, config.svi, seed=config.seed, checkpoint=checkpoint, resume=resume and
                  checkpoint.is_file(), name=name, progress=None if not args.quiet else False)
-    fit_seconds = time.perf_counter() - start
+    fit_seconds = time.perf_counter() - start + earlier
     save_pair(pair, run_dir / "pairs" / f"{name}.pt")
     evaluation = evaluate(pair, dataset.test.to(config.svi.device),
                           config.eval.num_particles, config.eval.local_refit_steps, seed=config.seed)
@@ -273,7 +274,7 @@ def _train_variant(args: argparse.Namespace, config: RunConfig, run_dir: Path, n
            "stopped_by": result.stopped_by,
            "best_elbo": result.best_elbo, **evaluation.summary(),
            "num_particles": config.eval.num_particles, "fit_seconds": fit_seconds,
-           "eval_seconds": time.perf_counter() - start - fit_seconds, "note": evaluation.note}
+           "eval_seconds": time.perf_counter() - start - fit_seconds + earlier, "note": evaluation.note}
     history = result.history.assign(variant=name)
     return row, history[["variant", *result.history.columns]]
 

@@ -152,6 +152,12 @@ def _load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Op
     return saved["state"]
 
 
+def trained_seconds(path: str | Path) -> float:
+    """The training seconds of the epochs a checkpoint holds (its history's ``seconds``): what a resumed run spent
+    in earlier sessions."""
+    return float(sum(row["seconds"] for row in _read_checkpoint(Path(path), torch.device("cpu"))["state"]["history"]))
+
+
 def check_checkpoint(pair: Pair, config: SVIConfig, path: str | Path) -> None:
     """Raise (before any training) if the checkpoint at ``path`` cannot resume ``pair``: damaged or mismatched."""
     objective = pair.objective(make_elbo(config.objective, config.num_particles))
