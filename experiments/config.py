@@ -51,6 +51,8 @@ class ModelConfig:
     exemplar_components: str = "current"  # current (the encoder's, as it moves) | epoch (fixed for each epoch)
     exemplar_hops: int = 1  # scalable path: head = each point's table row (1), and its members' rows too (2)
     exemplar_sweeps: int = 1  # scalable path: most NN-descent sweeps of the table per renewal (until it settles)
+    exemplar_landmarks: int = 0  # scalable path: > 0 adds to each head a search of the table around z from as many
+    # random landmarks (0: no search)
 
 
 @dataclass
@@ -160,6 +162,9 @@ def check(config: RunConfig) -> RunConfig:
     for key in ("warmup_epochs",):
         if getattr(config.svi, key) < 0:
             raise ConfigError(f"svi.{key} must be >= 0, got {getattr(config.svi, key)}")
+    if config.model.exemplar_landmarks < 0:
+        raise ConfigError(f"model.exemplar_landmarks must be >= 0 (0: no search around z), got "
+                          f"{config.model.exemplar_landmarks}")
     if config.data.likelihood == "gaussian" and config.data.binarize != "none":
         raise ConfigError(f"data.likelihood = 'gaussian' with data.binarize = {config.data.binarize!r} would fit a "
                           "Gaussian to 0/1 pixels; set data.binarize = 'none' to model grey values with a Gaussian, "

@@ -13,7 +13,12 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn import functional as F
 
-from vae_priors.models.mixture_distributions import DEFAULT_MAX_ELEMENTS, GaussianMixture, HeadTailMixture
+from vae_priors.models.mixture_distributions import (
+    DEFAULT_MAX_ELEMENTS,
+    GaussianMixture,
+    HeadTailMixture,
+    SearchedHeadTail,
+)
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
 from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
 
@@ -84,7 +89,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
-                 sweeps: int = 1):
+                 sweeps: int = 1, landmarks: int = 0):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -103,6 +108,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
         if components == "epoch" and (drift != "none" or refresh_points):
             raise ValueError("epoch components are renewed once per epoch and never move in between: use "
                              "drift=\"none\" and refresh_points=0 with them")
+        if landmarks < 0 or (landmarks and drift != "none"):
+            raise ValueError(f"exemplar landmarks must be >= 0 (0: no search around z) and need drift=\"none\", got "
+                             f"{landmarks} with drift={drift!r}")
         if sweeps < 1:
             raise ValueError(f"exemplar sweeps must be >= 1 (most NN-descent sweeps of the table per renewal), got "
                              f"{sweeps}")
@@ -122,6 +130,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self._loc = self._scale = self._table = self._batch = self._anchor = self._map = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
+        self.landmarks = min(landmarks, n)
         self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step
         if components == "epoch":  # the prior before any training: the initial encoder's
@@ -366,30 +375,61 @@ class ExemplarPrior(_MixtureOfPosteriors):
                           for part, at in zip(index.split(64), z.split(64), strict=True)])
 
     def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
-                  ) -> HeadTailMixture:
-        """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache."""
-        n, k, b = self.num_exemplars, self.neighbors, index.shape[0]
+                  ) -> HeadTailMixture | SearchedHeadTail:
+        """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache; with
+        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds."""
+        n = self.num_exemplars
         # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
         # uniform over the other N-1-|head_n| exemplars and their mean is unbiased for the tail's mean density
         if self.subset >= n:
             tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
         else:
             tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
+        tail = tail.sort().values
         head = self._table[index]  # (B, k), fixed before this step's draws
+        if self.hops == 2:  # the rows and their rows: (B, k + k^2)
+            head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
+        if refine and self.subset < n:  # for later visits
+            merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
+        if not self.landmarks:
+            return self._head_tail(index, head, tail, distinct=self.hops == 2)
+        landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator)
+        return SearchedHeadTail(lambda z: self._head_tail(index, self._search(head, landmarks, z), tail, True),
+                                lambda: self._head_tail(index, head, tail, self.hops == 2), index.shape[0],
+                                self._loc.shape[1])
+
+    @torch.no_grad()
+    def _search(self, head: torch.Tensor, landmarks: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``head`` (B, H) and what a greedy search of the table finds around each z (B, D): entered at the 3
+        of the ``landmarks`` nearest to z, then twice the rows of the k found so far that are nearest to z. The
+        table's graph is clustered, and z ~ q(z|x_n) often lies nearer to exemplars outside n's neighbourhood
+        (BENCHMARKS.md section 2)."""
+        loc, z = self._loc, z.detach()
+        near = (self._sq_norm[landmarks] - 2 * z @ loc[landmarks].T).topk(3, 1, largest=False).indices
+        entry = landmarks[near]
+        found = torch.cat([entry, rows(self._table, entry).flatten(1)], 1)
+        for _ in range(2):
+            d2 = (rows(loc, found) - z[:, None]).pow(2).sum(-1)
+            nearest = found.gather(1, d2.topk(min(self.neighbors, found.shape[1]), 1, largest=False).indices)
+            found = torch.cat([found, rows(self._table, nearest).flatten(1)], 1)
+        return torch.cat([head, found], 1)
+
+    def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool
+                   ) -> HeadTailMixture:
+        """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
+        head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does)."""
+        n, b = self.num_exemplars, index.shape[0]
         head_logits = self._loc.new_full(head.shape, -math.log(n - 1))
-        distinct = torch.full((b, 1), k, device=index.device)
-        if self.hops == 2:  # the rows and their rows: (B, k + k^2), each exemplar once, never n itself
-            head = torch.cat([head, rows(self._table, head).flatten(1)], 1).sort(1).values
+        size = torch.full((b, 1), head.shape[1], device=index.device)
+        if distinct:
+            head = head.sort(1).values
             repeated = torch.cat([torch.zeros_like(head[:, :1], dtype=torch.bool), head[:, 1:] == head[:, :-1]], 1)
             dropped = repeated | (head == index[:, None])
             head_logits = torch.where(dropped, -math.inf, -math.log(n - 1))
-            distinct = (~dropped).sum(1, keepdim=True)
-        tail = tail.sort().values
+            size = (~dropped).sum(1, keepdim=True)
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        log_tail = ((n - 1 - distinct) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+        log_tail = ((n - 1 - size) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
-        if refine and self.subset < n:  # for later visits
-            merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)

@@ -222,3 +222,37 @@ class HeadTailMixture(dist.MixtureSameFamily):
         tail = torch.cat([gaussian_log_density_matrix(queries[i : i + step], self.tail_loc, self.tail_scale)
                           for i in range(0, queries.shape[0], step)]).view(z.shape[0], num_points, -1)
         return logsumexp_rows(torch.cat([head, tail], -1) + log_w, overwrite=True).reshape(shape)
+
+
+class SearchedHeadTail(dist.TorchDistribution):
+    """A ``HeadTailMixture`` whose head depends on the point z it is evaluated at (batch shape (B,), event (D,)):
+    ``log_prob(z)`` scores z under ``build(z)``, the mixture whose head holds what a search around z found.
+
+    Given z the head is fixed and the tail draws it excludes are still i.i.d. uniform over the others, so
+    ``build(z)``'s density is unbiased for the mixture's at z, as a ``HeadTailMixture``'s is. ``sample`` (which
+    has no z yet) draws from ``base()``, the mixture without the search.
+    """
+
+    arg_constraints: dict = {}
+    support = dist.constraints.real_vector
+
+    def __init__(self, build, base, batch_size: int, dim: int, validate_args: bool | None = None):
+        self._build, self._base = build, base
+        super().__init__(torch.Size([batch_size]), torch.Size([dim]), validate_args=validate_args)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        b, d = self.batch_shape[0], self.event_shape[0]
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        flat = value.expand(shape + (d,)).reshape(-1, b, d)  # each sample's z has its own search
+        return torch.stack([self._build(z).log_prob(z) for z in flat]).reshape(shape)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return self._base().sample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        if torch.Size(batch_shape) != self.batch_shape:
+            raise ValueError(f"a SearchedHeadTail of batch shape {tuple(self.batch_shape)} cannot be expanded to "
+                             f"{tuple(batch_shape)}")
+        return self

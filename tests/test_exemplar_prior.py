@@ -386,3 +386,64 @@ def test_a_state_dict_without_the_table_loads_and_the_next_step_builds_it():
     assert other.model.prior._table is None
     _step(other, data.train.x, torch.arange(5))
     assert other.model.prior._table is not None
+
+
+def _searching_prior(n: int, subset: int) -> tuple[ExemplarPrior, torch.Tensor]:
+    torch.manual_seed(0)
+    x = 3 * torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.3), x, path="scalable", neighbors=3, subset=subset, components="epoch",
+                          hops=2, sweeps=8, landmarks=16).train()
+    return prior, x
+
+
+def test_with_the_tail_over_all_n_a_searched_head_still_gives_the_exact_leave_one_out_mixture():
+    """The search may find n itself or members the rows already hold: each counts once and n never, so with every
+    exemplar in the tail the estimate is the exact leave-one-out mixture of the components."""
+    prior, x = _searching_prior(60, 60)
+    index = torch.tensor([0, 7, 33, 59])
+    estimate = prior(index)
+    z = torch.cat([x[index[:2]] + 0.1, 3 * torch.randn(2, 2)])  # two at their own exemplar: the search finds n
+    exact = brute_force_mixture(z, _loo_logits(index, 60), x, torch.full((60, 2), 0.3))
+    torch.testing.assert_close(estimate.log_prob(z).double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_the_search_finds_the_exemplar_nearest_to_z_outside_the_points_neighbourhood():
+    """z drawn far from training point n: the searched head holds z's nearest exemplar (brute force) for most z,
+    where the table's rows 2 hops from n hold it for almost none."""
+    torch.manual_seed(0)
+    x = 3 * torch.randn(600, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.3), x, path="scalable", neighbors=5, subset=32, components="epoch",
+                          hops=2, sweeps=8, landmarks=64).train()
+    index = torch.arange(200)
+    prior(index)
+    z = 3 * torch.randn(200, 2)
+    distances = torch.cdist(z, x)
+    distances[torch.arange(200), index] = math.inf
+    nearest = distances.argmin(1)
+    two_hops = torch.cat([prior._table[index], prior._table[prior._table[index]].flatten(1)], 1)
+    searched = prior._search(two_hops, torch.randint(0, 600, (64,)), z)
+    found = lambda head: (head == nearest[:, None]).any(1).double().mean().item()  # noqa: E731
+    assert found(searched) > 0.7 and found(two_hops) < 0.1
+
+
+def test_a_searched_estimate_is_unbiased_in_density_over_the_tail_draws():
+    """Given z the searched head is fixed and the tail draws it excludes are uniform over the rest: the mean
+    estimated density over many draws is the exact leave-one-out density (8 draws among 40 exemplars)."""
+    prior, x = _searching_prior(40, 8)
+    index = torch.tensor([3, 17, 30])
+    prior(index)
+    z = 3 * torch.randn(3, 2)
+    generator = torch.Generator().manual_seed(1)
+    densities = torch.stack([prior._estimate(index, refine=False, generator=generator).log_prob(z).double().exp()
+                             for _ in range(4000)])
+    exact = brute_force_mixture(z, _loo_logits(index, 40), x, torch.full((40, 2), 0.3)).exp()
+    standard_error = densities.std(0) / math.sqrt(len(densities))
+    assert ((densities.mean(0) - exact).abs() < 4 * standard_error).all(), (densities.mean(0), exact, standard_error)
+    assert (standard_error > 0).all()
+
+
+def test_landmarks_are_refused_below_zero_and_with_affine_drift():
+    for settings in ({"landmarks": -1}, {"landmarks": 8, "drift": "affine"}):
+        with pytest.raises(ValueError, match="landmarks"):
+            ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12,
+                          **settings)
