@@ -447,3 +447,13 @@ def test_landmarks_are_refused_below_zero_and_with_affine_drift():
         with pytest.raises(ValueError, match="landmarks"):
             ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12,
                           **settings)
+
+
+def test_fit_with_a_search_around_z_trains_and_records_the_estimates_error():
+    """Through ``fit``: the contract check samples the prior (``SearchedHeadTail.sample``), the steps score the
+    guide's z (``log_prob`` with the search), and ``end_epoch`` measures the searched estimate."""
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    pair = _scalable_pair(data, exemplar_components="epoch", exemplar_hops=2, exemplar_landmarks=8)
+    result = fit(pair, data, SVIConfig(epochs=2, batch_size=10), progress=False)
+    assert result.history["prior_error"].between(0, 50).all() and result.history["val_elbo"].notna().all()
