@@ -47,7 +47,9 @@ class ExemplarPrior(_MixtureOfPosteriors):
        less than a tenth of the table (a young table takes about six, a settled one one), and, with current
        components, after every visit by merging in the k nearest of that step's tail draws (for later visits; the
        step itself uses the old head; ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of
-       its members (up to k + k^2 distinct exemplars);
+       its members (up to k + k^2 distinct exemplars). ``landmarks`` > 0: the head also holds what a greedy search
+       of the table finds around z itself, so the step returns a ``SearchedHeadTail`` that searches in ``log_prob``
+       (given z the head is fixed, so step 3 holds as it is; a third less error at 2x the step, BENCHMARKS.md);
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
