@@ -1,7 +1,8 @@
 """The exemplar prior (Norouzi et al. 2020): a mixture of the guide's posteriors at the N training points.
 
 Exact in small data sets; at MNIST size a cached estimate that follows the exact leave-one-out mixture, and
-reports how closely it did (``end_epoch``) into ``history.csv``.
+reports how closely it did (``end_epoch``) into ``history.csv``. The estimate's machinery (cache, neighbour table,
+head and tail, sharing under torch.distributed) is in ``models/exemplar_estimate.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn import functional as F
 
+from vae_priors.models.exemplar_estimate import ScalableEstimate
 from vae_priors.models.mixture_distributions import (
     DEFAULT_MAX_ELEMENTS,
     GaussianMixture,
@@ -20,13 +22,9 @@ from vae_priors.models.mixture_distributions import (
     SearchedHeadTail,
 )
 from vae_priors.models.mixture_priors import _MixtureOfPosteriors
-from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
-
-SWEEP_POOL = 256  # random candidates per chunk of a table sweep
-SETTLED = 0.1  # a sweep that renews less than this share of the table's entries ends the renewal's sweeps
 
 
-class ExemplarPrior(_MixtureOfPosteriors):
+class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
     """Exemplar prior over the N training points (Norouzi et al. 2020, eq. 4), leave-one-out in training.
 
     p(z | not n) = 1/(N-1) sum_{m != n} r(z | x_m) when training point n is scored (``index`` = the minibatch's
@@ -203,7 +201,7 @@ class ExemplarPrior(_MixtureOfPosteriors):
         logits[torch.arange(index.shape[0], device=index.device), index] = -math.inf
         return GaussianMixture(logits, loc, self._component_scale(scale), self.max_elements)
 
-    def forward(self, index: torch.Tensor) -> GaussianMixture | HeadTailMixture:
+    def forward(self, index: torch.Tensor) -> GaussianMixture | HeadTailMixture | SearchedHeadTail:
         if not self.training:
             return self.mixture().expand(index.shape[:1])
         if index.numel() and int(index.max()) >= self.num_exemplars:
@@ -229,11 +227,6 @@ class ExemplarPrior(_MixtureOfPosteriors):
             self._follow(index, *fresh)
         return estimate
 
-    def _remember_batch(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Forward hook on the guide's encoder: keep the encodings of the batch the guide has just seen."""
-        if self.training and torch.is_grad_enabled() and args:
-            self._batch = (args[0], output[0].detach(), output[1].detach())
-
     @torch.no_grad()
     def _renew_components(self) -> None:
         """``components="epoch"``: this epoch's components are the current encoder's; the cache is rebuilt on them."""
@@ -241,88 +234,6 @@ class ExemplarPrior(_MixtureOfPosteriors):
         self.component_loc.copy_(loc)
         self.component_scale.copy_(scale)
         self._due, self._loc = False, None
-
-    @torch.no_grad()
-    def _take_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The guide's fresh (loc, scale) of this batch, when they are of these training points (else None)."""
-        batch, self._batch = self._batch, None
-        if batch is None or batch[0].shape[0] != index.shape[0] or not torch.equal(batch[0], self.train_x[index]):
-            return None  # e.g. dynamically binarized inputs: not the stored exemplars
-        return batch[1], batch[2]
-
-    @torch.no_grad()
-    def _store(self, index: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """Write encodings into the cache (``drift="none"``: the cache holds means as they were when written)."""
-        self._loc[index], self._scale[index] = loc, scale
-        self._sq_norm[index] = loc.pow(2).sum(-1)
-
-    @torch.no_grad()
-    def _follow(self, index: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """``drift="affine"``: refit the map anchor -> current on the last ``drift_batches`` batches' fresh means,
-        and store this batch's means pulled back into the anchor frame (so the map carries them forward too).
-
-        Least squares over the pairs (anchor mu_m, fresh mu_m): [mu_anchor, 1] @ W ~ mu_fresh, W of shape (D+1, D).
-        """
-        self._pairs = [*self._pairs, (index, loc)][-self.drift_batches :]
-        ids, targets = torch.cat([p[0] for p in self._pairs]), torch.cat([p[1] for p in self._pairs])
-        d = loc.shape[1]
-        if ids.shape[0] <= d:  # fewer pairs than unknowns per dimension: keep the previous map
-            return
-        design = torch.cat([self._anchor[ids], torch.ones_like(targets[:, :1])], 1).double()
-        fitted = torch.linalg.lstsq(design, targets.double()).solution  # (D+1, D)
-        pulled, info = torch.linalg.solve_ex(fitted[:-1].T, (loc.double() - fitted[-1]).T)
-        self._map = fitted.to(loc.dtype)
-        if int(info) == 0:  # a singular map (never seen): the row keeps its older anchor-frame value
-            self._store(index, pulled.T.to(loc.dtype), scale)
-
-    def _current(self, loc: torch.Tensor) -> torch.Tensor:
-        """Cached means in the current encoder's frame: as stored, or carried by the fitted affine map."""
-        if self._map is None:
-            return loc
-        return loc @ self._map[:-1] + self._map[-1]
-
-    @torch.no_grad()
-    def _share_updates(self, index: torch.Tensor, fresh: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """All-gather every rank's fresh encodings and table rows, so that all ranks keep the same state."""
-        d = self._loc.shape[1]
-        nothing = self._loc.new_full((index.shape[0], d), math.nan)
-        loc, scale = fresh if fresh is not None else (nothing, nothing)  # nan: nothing new; the table rows still are
-        rows = torch.cat([index[:, None].double(), loc.double(), scale.double(), self._table[index].double()], 1)
-        sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(torch_dist.get_world_size())]
-        torch_dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
-        padded = rows.new_zeros(int(max(sizes)), rows.shape[1])
-        padded[: rows.shape[0]] = rows
-        parts = [torch.empty_like(padded) for _ in sizes]
-        torch_dist.all_gather(parts, padded)
-        everything = torch.cat([part[: int(size)] for size, part in zip(sizes, parts, strict=True)])
-        ids = everything[:, 0].long()
-        self._table[ids] = everything[:, 1 + 2 * d :].long()
-        known = ~everything[:, 1].isnan()
-        if known.any():  # every rank absorbs the same rows in the same (rank) order
-            loc, scale = (everything[known, a : a + d].to(self._loc.dtype) for a in (1, 1 + d))
-            (self._store if self.drift == "none" else self._follow)(ids[known], loc, scale)
-
-    @torch.no_grad()
-    def refresh(self, loc: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
-        """Renew the cache (re-encoding every exemplar unless ``loc``/``scale`` are given), then sweep the table."""
-        x, n, k = self.train_x, self.num_exemplars, self.neighbors
-        if self.components == "epoch":  # the cache is the components themselves, never written to
-            loc, scale = self._components()
-        elif loc is None:
-            loc, scale = self._encode_all()
-        self._loc, self._scale = (loc, scale) if self.components == "epoch" else (loc.clone(), scale.clone())
-        self._sq_norm = self._loc.pow(2).sum(-1)
-        if self.drift == "affine":  # a new frame: the map starts at the identity
-            self._anchor, self._map, self._pairs = loc.clone(), None, []
-        # the same draws on every rank (not the ranks' own Monte Carlo streams): their tables stay equal
-        rng = torch.Generator(device=x.device).manual_seed(self._sweeps)
-        self._sweeps += 1
-        if self._table is None or self._table.device != x.device:
-            self._table = random_table(n, k, x.device, rng)
-        done, new = 0, math.inf
-        while done < self.sweeps and new >= SETTLED:  # until the table settles: a young one needs several sweeps
-            new, done = sweep(self._table, self._loc, SWEEP_POOL, rng), done + 1
-        self._swept, self._seen = (done, new), 0
 
     @torch.no_grad()
     def end_epoch(self) -> dict[str, float]:
@@ -357,86 +268,8 @@ class ExemplarPrior(_MixtureOfPosteriors):
             self.refresh(loc, scale)
         return summary
 
-    @torch.no_grad()
-    def estimate_error(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per training point ``index``: the training estimate of log p(z | not n) from the cache and table minus
-        the exact leave-one-out value from the encodings ``loc``, ``scale`` (the table is not refined)."""
-        return self._estimated_log_prob(index, z, generator) - self._exact_log_prob(index, z, loc, scale)
-
-    def _estimated_log_prob(self, index: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None
-                            ) -> torch.Tensor:
-        """The training estimate of log p(z | not n), in chunks of 64 points (the table is not refined)."""
-        return torch.cat([self._estimate(part, refine=False, generator=generator).log_prob(at)
-                          for part, at in zip(index.split(64), z.split(64), strict=True)])
-
     def _exact_log_prob(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
                         ) -> torch.Tensor:
         """The exact leave-one-out log p(z | not n) of the components ``loc``, ``scale``, in chunks of 64 points."""
         return torch.cat([self.mixture(part, loc, scale).log_prob(at)
                           for part, at in zip(index.split(64), z.split(64), strict=True)])
-
-    def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
-                  ) -> HeadTailMixture | SearchedHeadTail:
-        """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache; with
-        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds."""
-        n = self.num_exemplars
-        # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
-        # uniform over the other N-1-|head_n| exemplars and their mean is unbiased for the tail's mean density
-        if self.subset >= n:
-            tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
-        else:
-            tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
-        tail = tail.sort().values
-        head = self._table[index]  # (B, k), fixed before this step's draws
-        if self.hops == 2:  # the rows and their rows: (B, k + k^2)
-            head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
-        if refine and self.subset < n:  # for later visits
-            merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
-        if not self.landmarks:
-            return self._head_tail(index, head, tail, distinct=self.hops == 2)
-        landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator)
-        return SearchedHeadTail(lambda z: self._head_tail(index, self._search(head, landmarks, z), tail, True),
-                                lambda: self._head_tail(index, head, tail, self.hops == 2), index.shape[0],
-                                self._loc.shape[1])
-
-    @torch.no_grad()
-    def _search(self, head: torch.Tensor, landmarks: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``head`` (B, H) and what a greedy search of the table finds around each z (B, D): entered at the 3
-        of the ``landmarks`` nearest to z, then twice the rows of the k found so far that are nearest to z. The
-        table's graph is clustered, and z ~ q(z|x_n) often lies nearer to exemplars outside n's neighbourhood
-        (BENCHMARKS.md section 2)."""
-        loc, z = self._loc, z.detach()
-        near = (self._sq_norm[landmarks] - 2 * z @ loc[landmarks].T).topk(3, 1, largest=False).indices
-        entry = landmarks[near]
-        found = torch.cat([entry, rows(self._table, entry).flatten(1)], 1)
-        for _ in range(2):
-            d2 = (rows(loc, found) - z[:, None]).pow(2).sum(-1)
-            nearest = found.gather(1, d2.topk(min(self.neighbors, found.shape[1]), 1, largest=False).indices)
-            found = torch.cat([found, rows(self._table, nearest).flatten(1)], 1)
-        return torch.cat([head, found], 1)
-
-    def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool
-                   ) -> HeadTailMixture:
-        """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
-        head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does)."""
-        n, b = self.num_exemplars, index.shape[0]
-        head_logits = self._loc.new_full(head.shape, -math.log(n - 1))
-        size = torch.full((b, 1), head.shape[1], device=index.device)
-        if distinct:
-            head = head.sort(1).values
-            repeated = torch.cat([torch.zeros_like(head[:, :1], dtype=torch.bool), head[:, 1:] == head[:, :-1]], 1)
-            dropped = repeated | (head == index[:, None])
-            head_logits = torch.where(dropped, -math.inf, -math.log(n - 1))
-            size = (~dropped).sum(1, keepdim=True)
-        in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        log_tail = ((n - 1 - size) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
-        tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
-        if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
-            shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
-            head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
-        else:
-            head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
-        return HeadTailMixture(head_logits, self._current(rows(self._loc, head)),
-                               head_scale, tail_logits, self._current(self._loc[tail]), tail_scale,
-                               self.max_elements)
