@@ -143,11 +143,12 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
 
     def get_extra_state(self) -> dict:
         """What the scalable path holds beside the buffers, so that a resumed run continues bit for bit: the
-        neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache."""
+        neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache and
+        the affine drift's anchor, map and recent pairs."""
         state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
                  "due": self._due}
         if self.components == "current":
-            state.update(loc=self._loc, scale=self._scale)
+            state.update(loc=self._loc, scale=self._scale, anchor=self._anchor, map=self._map, pairs=self._pairs)
         return state
 
     def set_extra_state(self, state: dict | None) -> None:
@@ -159,6 +160,8 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._seen, self._due = state["seen"], state["due"]
         if self.components == "current":
             self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
+            self._anchor, self._map = clone(state["anchor"]), clone(state["map"])
+            self._pairs = [(clone(i), clone(m)) for i, m in state["pairs"]]
         else:  # the cache is the component buffers, loaded before this
             self._loc, self._scale = (None, None) if self._table is None else self._components()
         if self._loc is not None:

@@ -356,13 +356,14 @@ def test_sweeps_below_one_are_refused():
         ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, sweeps=0)
 
 
-@pytest.mark.parametrize("components", ["epoch", "current"])
-def test_an_interrupted_and_resumed_fit_of_the_scalable_prior_ends_as_an_uninterrupted_one(components, tmp_path):
-    """The checkpoint carries the neighbour table, the sweep count and (current components) the cache, so the
-    resumed run draws and estimates exactly as the uninterrupted one."""
+@pytest.mark.parametrize("components, drift", [("epoch", "none"), ("current", "none"), ("current", "affine")])
+def test_an_interrupted_and_resumed_fit_of_the_scalable_prior_ends_as_an_uninterrupted_one(components, drift,
+                                                                                           tmp_path):
+    """The checkpoint carries the neighbour table, the sweep count and (current components) the cache and the
+    affine drift's state, so the resumed run draws and estimates exactly as the uninterrupted one."""
     data = _tiny_digits(train=60)
     config = SVIConfig(epochs=4, batch_size=20, patience=10, warmup_epochs=2)
-    settings = {"exemplar_components": components, "exemplar_hops": 2, "exemplar_sweeps": 3}
+    settings = {"exemplar_components": components, "exemplar_hops": 2, "exemplar_sweeps": 3, "exemplar_drift": drift}
 
     def build():
         pyro.set_rng_seed(5)

@@ -236,9 +236,13 @@ def fit(pair: Pair, data: Dataset, config: SVIConfig | RunConfig, *, seed: int |
             # Pyro's validation (model/guide match, site shapes, distribution arguments) runs on the first
             # step only: it catches a pair that breaks the contract, and costs ~5% of every later step.
             first = epoch == first_epoch and step == 0
-            if first:  # the contract (one "z", the loop's subsampled "data" plate), before any parameter moves
+            if first:  # the contract (one "z", the loop's subsampled "data" plate), before any parameter moves;
+                # it leaves no trace: its draws come from a forked RNG, and the state it may change (a prior's cache
+                # or neighbour table) is put back, so that a resumed fit continues as an uninterrupted one
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    before = copy.deepcopy(objective.state_dict())
                     check_pair(pair.model, pair.guide, batch, mine, n)
+                    objective.load_state_dict(before)
             try:
                 loss = svi_step(objective, optimizer, batch, mine, n, beta=beta, clip_norm=config.clip_norm,
                                 validate=first, replica=replica, weight=weight)
