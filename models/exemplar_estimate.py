@@ -155,7 +155,7 @@ class ScalableEstimate:
         of the ``landmarks`` nearest to z, then twice the rows of the k found so far that are nearest to z. The
         table's graph is clustered, and z ~ q(z|x_n) often lies nearer to exemplars outside n's neighbourhood
         (BENCHMARKS.md section 2)."""
-        loc, z = self._loc, z.detach()
+        loc = self._loc
         near = (self._sq_norm[landmarks] - 2 * z @ loc[landmarks].T).topk(3, 1, largest=False).indices
         entry = landmarks[near]
         found = torch.cat([entry, rows(self._table, entry).flatten(1)], 1)
