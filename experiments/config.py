@@ -53,6 +53,8 @@ class ModelConfig:
     exemplar_sweeps: int = 1  # scalable path: most NN-descent sweeps of the table per renewal (until it settles)
     exemplar_landmarks: int = 0  # scalable path: > 0 adds to each head a search of the table around z from as many
     # random landmarks (0: no search)
+    exemplar_keep: float = 1.0  # training: each step's prior is over a random share of the exemplars (the Exemplar
+    # VAE's exemplar subsampling, a regularizer); 1 = all N. Validation and evaluation always use all N
 
 
 @dataclass
@@ -162,6 +164,9 @@ def check(config: RunConfig) -> RunConfig:
     for key in ("warmup_epochs",):
         if getattr(config.svi, key) < 0:
             raise ConfigError(f"svi.{key} must be >= 0, got {getattr(config.svi, key)}")
+    if not 0.0 < config.model.exemplar_keep <= 1.0:
+        raise ConfigError(f"model.exemplar_keep must be in (0, 1] (the share of exemplars in each training step's "
+                          f"prior; 1 keeps all), got {config.model.exemplar_keep}")
     if config.model.exemplar_landmarks < 0:
         raise ConfigError(f"model.exemplar_landmarks must be >= 0 (0: no search around z), got "
                           f"{config.model.exemplar_landmarks}")

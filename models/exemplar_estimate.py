@@ -125,28 +125,32 @@ class ScalableEstimate:
         return torch.cat([self._estimate(part, refine=False, generator=generator).log_prob(at)
                           for part, at in zip(index.split(64), z.split(64), strict=True)])
 
-    def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None
-                  ) -> HeadTailMixture | SearchedHeadTail:
+    def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None,
+                  kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadTailMixture | SearchedHeadTail:
         """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache; with
-        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds."""
+        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds. ``kept`` (sorted
+        ids, (N,) mask) restricts the mixture to a subset S of the exemplars: head members outside S are dropped
+        and the tail draws from S."""
         n = self.num_exemplars
-        # tail: M i.i.d. uniform draws; those equal to n or in head_n are dropped, so the kept ones are i.i.d.
-        # uniform over the other N-1-|head_n| exemplars and their mean is unbiased for the tail's mean density
-        if self.subset >= n:
-            tail = torch.arange(n, device=index.device)  # every exemplar: exact given the cache
+        pool = torch.arange(n, device=index.device) if kept is None else kept[0]
+        # tail: M i.i.d. uniform draws from the pool; those equal to n or in head_n are dropped, so the kept ones are
+        # i.i.d. uniform over the pool's other exemplars and their mean is unbiased for the tail's mean density
+        if self.subset >= len(pool):
+            tail = pool  # every exemplar: exact given the cache
         else:
-            tail = torch.randint(0, n, (self.subset,), device=index.device, generator=generator)
+            tail = pool[torch.randint(0, len(pool), (self.subset,), device=index.device, generator=generator)]
         tail = tail.sort().values
+        mask = None if kept is None else kept[1]
         head = self._table[index]  # (B, k), fixed before this step's draws
         if self.hops == 2:  # the rows and their rows: (B, k + k^2)
             head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
         if refine and self.subset < n:  # for later visits
             merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
         if not self.landmarks:
-            return self._head_tail(index, head, tail, distinct=self.hops == 2)
+            return self._head_tail(index, head, tail, self.hops == 2, mask)
         landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator)
-        return SearchedHeadTail(lambda z: self._head_tail(index, self._search(head, landmarks, z), tail, True),
-                                lambda: self._head_tail(index, head, tail, self.hops == 2), index.shape[0],
+        return SearchedHeadTail(lambda z: self._head_tail(index, self._search(head, landmarks, z), tail, True, mask),
+                                lambda: self._head_tail(index, head, tail, self.hops == 2, mask), index.shape[0],
                                 self._loc.shape[1])
 
     @torch.no_grad()
@@ -165,21 +169,30 @@ class ScalableEstimate:
             found = torch.cat([found, rows(self._table, nearest).flatten(1)], 1)
         return torch.cat([head, found], 1)
 
-    def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool
-                   ) -> HeadTailMixture:
+    def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool,
+                   kept: torch.Tensor | None = None) -> HeadTailMixture:
         """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
-        head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does)."""
+        head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does).
+        ``kept``: an (N,) mask of the exemplars in the mixture (the tail draws only from them); None: all N."""
         n, b = self.num_exemplars, index.shape[0]
-        head_logits = self._loc.new_full(head.shape, -math.log(n - 1))
-        size = torch.full((b, 1), head.shape[1], device=index.device)
+        # the exemplars besides n that the mixture is over: N - 1, or |S| less n where n is in S
+        others, dropped = n - 1, None
         if distinct:
             head = head.sort(1).values
             repeated = torch.cat([torch.zeros_like(head[:, :1], dtype=torch.bool), head[:, 1:] == head[:, :-1]], 1)
             dropped = repeated | (head == index[:, None])
-            head_logits = torch.where(dropped, -math.inf, -math.log(n - 1))
+        if kept is not None:
+            dropped = ~kept[head] if dropped is None else dropped | ~kept[head]
+            others = (kept.sum() - kept[index].long())[:, None].to(self._loc.dtype)
+        log_share = -math.log(others) if kept is None else -others.log()  # each head member's weight
+        if dropped is None:
+            head_logits = self._loc.new_full(head.shape, log_share)
+            size = torch.full((b, 1), head.shape[1], device=index.device)
+        else:
+            head_logits = torch.where(dropped, -math.inf, log_share)
             size = (~dropped).sum(1, keepdim=True)
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        log_tail = ((n - 1 - size) / (n - 1)).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+        log_tail = ((others - size) / others).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
         tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step

@@ -89,7 +89,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
-                 sweeps: int = 1, landmarks: int = 0):
+                 sweeps: int = 1, landmarks: int = 0, keep: float = 1.0):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -111,6 +111,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         if landmarks < 0 or (landmarks and drift != "none"):
             raise ValueError(f"exemplar landmarks must be >= 0 (0: no search around z) and need drift=\"none\", got "
                              f"{landmarks} with drift={drift!r}")
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"exemplar keep must be in (0, 1] (the share of exemplars in each training step's prior; "
+                             f"1: all), got {keep}")
         if sweeps < 1:
             raise ValueError(f"exemplar sweeps must be >= 1 (most NN-descent sweeps of the table per renewal), got "
                              f"{sweeps}")
@@ -131,6 +134,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
         self.landmarks = min(landmarks, n)
+        self.kept_size = max(2, math.ceil(keep * n))  # >= 2, so that every n keeps another exemplar
         self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step
         if components == "epoch":  # the prior before any training: the initial encoder's
@@ -192,15 +196,17 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         return self._encode(self.train_x, self.train_x)
 
     def mixture(self, index: torch.Tensor | None = None, loc: torch.Tensor | None = None,
-                scale: torch.Tensor | None = None) -> GaussianMixture:
+                scale: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> GaussianMixture:
         """The exact mixture of the prior's components (or of ``loc``, ``scale``): leave-one-out for training
-        indices ``index``, else all N."""
+        indices ``index``, else all N; only the exemplars ``kept`` (an (N,) mask) where given."""
         if loc is None:
             loc, scale = self._components()
         n = self.num_exemplars
         if index is None:
             return GaussianMixture(loc.new_zeros(1, n), loc, self._component_scale(scale), self.max_elements)
         logits = loc.new_zeros(index.shape[0], n)
+        if kept is not None:
+            logits[:, ~kept] = -math.inf
         logits[torch.arange(index.shape[0], device=index.device), index] = -math.inf
         return GaussianMixture(logits, loc, self._component_scale(scale), self.max_elements)
 
@@ -212,8 +218,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                              f"{self.num_exemplars}), got index {int(index.max())}; call .eval() for other points")
         if self.components == "epoch" and self._due:
             self._renew_components()
+        kept = self._draw_kept()
         if self.path == "exact":
-            return self.mixture(index)
+            return self.mixture(index, kept=None if kept is None else kept[1])
         if self._loc is None or self._loc.device != self.train_x.device or (
                 self.refresh_points and self._seen >= self.refresh_points):
             self.refresh()
@@ -223,12 +230,22 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             self._store(index, *fresh)
         # with epoch components a point's next visit comes after the renewal and the sweep: merging this step's
         # draws into its row would cost a search per step for a table the sweep rebuilds (BENCHMARKS.md section 2)
-        estimate = self._estimate(index, refine=self.refine and self.components == "current")
+        estimate = self._estimate(index, refine=self.refine and self.components == "current", kept=kept)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             self._share_updates(index, fresh)
         elif fresh is not None and self.drift == "affine":  # after the estimate, as under DDP: one semantics
             self._follow(index, *fresh)
         return estimate
+
+    def _draw_kept(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exemplar subsampling (``keep`` < 1): this step's random subset S of ``kept_size`` exemplars, as (sorted
+        ids, (N,) mask); None when the prior keeps all N."""
+        n = self.num_exemplars
+        if self.kept_size >= n:
+            return None
+        chosen = torch.randperm(n, device=self.train_x.device)[: self.kept_size]
+        mask = torch.zeros(n, dtype=torch.bool, device=chosen.device).index_fill_(0, chosen, True)
+        return mask.nonzero().squeeze(1), mask  # sorted by the mask, not by a sort (a third of the cost)
 
     @torch.no_grad()
     def _renew_components(self) -> None:

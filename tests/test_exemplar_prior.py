@@ -458,3 +458,74 @@ def test_fit_with_a_search_around_z_trains_and_records_the_estimates_error():
     pair = _scalable_pair(data, exemplar_components="epoch", exemplar_hops=2, exemplar_landmarks=8)
     result = fit(pair, data, SVIConfig(epochs=2, batch_size=10), progress=False)
     assert result.history["prior_error"].between(0, 50).all() and result.history["val_elbo"].notna().all()
+
+
+def _subset_logits(index: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Log-weights of the mixture over the kept exemplars other than n: 1/|S less n| on each."""
+    logits = torch.where(kept, 0.0, -math.inf).expand(len(index), -1).clone()
+    logits[torch.arange(len(index)), index] = -math.inf
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("path,hops,landmarks", [("exact", 1, 0), ("scalable", 1, 0), ("scalable", 2, 0),
+                                                 ("scalable", 2, 4)])
+def test_with_keep_a_training_step_is_the_exact_mixture_over_its_random_subset_of_exemplars(path, hops, landmarks):
+    """keep = 0.5 (exemplar subsampling): the step's prior for point n is 1/|S less n| sum_{m in S, m != n} r_m over
+    a random half S of the exemplars, drawn anew each step (brute force; the tail over all of S makes the scalable
+    path exact), whether or not n is in S; in eval mode the prior is over all N again."""
+    n = 12
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path=path, neighbors=2, subset=n, components="epoch",
+                          hops=hops, landmarks=landmarks, keep=0.5).train()
+    index, z, scale = torch.tensor([0, 5, 11]), torch.randn(3, 2), torch.full((n, 2), 0.7)
+    subsets = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        kept = prior._draw_kept()[1]
+        torch.manual_seed(seed)
+        estimate = prior(index).log_prob(z)
+        assert kept.sum() == 6
+        torch.testing.assert_close(estimate.double(), brute_force_mixture(z, _subset_logits(index, kept), x, scale),
+                                   atol=1e-5, rtol=1e-5)
+        subsets.append(kept)
+    assert len({tuple(k.tolist()) for k in subsets}) > 1  # a new subset each step
+    assert any(bool(k[index].any()) and not bool(k[index].all()) for k in subsets)  # n in S and not, in one step
+    everything = brute_force_mixture(z, torch.full((3, n), -math.log(n)), x, scale)
+    torch.testing.assert_close(prior.eval()(index).log_prob(z).double(), everything, atol=1e-5, rtol=1e-5)
+
+
+def test_with_keep_the_estimate_is_unbiased_in_density_over_the_tail_draws_from_the_subset():
+    """Given the step's subset S (half of 40 exemplars), a tail of 6 draws from S weighted by the kept head's size
+    averages to the exact density of the mixture over S less n."""
+    torch.manual_seed(0)
+    n = 40
+    x = torch.randn(n, 2)
+    prior = ExemplarPrior(LinearEncoder(2, 0.7), x, path="scalable", neighbors=3, subset=6, components="epoch",
+                          hops=2, keep=0.5).train()
+    index, z = torch.tensor([3, 17, 30]), torch.randn(3, 2)
+    prior(index)
+    kept = prior._draw_kept()
+    generator = torch.Generator().manual_seed(1)
+    densities = torch.stack([prior._estimate(index, False, generator, kept).log_prob(z).double().exp()
+                             for _ in range(4000)])
+    exact = brute_force_mixture(z, _subset_logits(index, kept[1]), x, torch.full((n, 2), 0.7)).exp()
+    standard_error = densities.std(0) / math.sqrt(len(densities))
+    assert ((densities.mean(0) - exact).abs() < 4 * standard_error).all(), (densities.mean(0), exact, standard_error)
+    assert (standard_error > 0).all()
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5])
+def test_a_keep_outside_zero_to_one_is_refused(keep):
+    with pytest.raises(ValueError, match="keep must be in"):
+        ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), keep=keep)
+
+
+def test_fit_with_keep_trains_and_measures_the_estimate_against_the_mixture_over_all_n():
+    """Through the registry and ``fit``: ``model.exemplar_keep`` reaches the prior; ``end_epoch`` still measures
+    the estimate of the full leave-one-out mixture (its error stays that of the tail draws)."""
+    pyro.set_rng_seed(0)
+    data = _tiny_digits(train=40)
+    pair = _scalable_pair(data, exemplar_components="epoch", exemplar_hops=2, exemplar_keep=0.5)
+    assert pair.model.prior.kept_size == 20
+    result = fit(pair, data, SVIConfig(epochs=2, batch_size=10), progress=False)
+    assert result.history["prior_error"].between(0, 50).all() and result.history["val_elbo"].notna().all()
