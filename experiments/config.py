@@ -55,6 +55,8 @@ class ModelConfig:
     # random landmarks (0: no search)
     exemplar_keep: float = 1.0  # training: each step's prior is over a random share of the exemplars (the Exemplar
     # VAE's exemplar subsampling, a regularizer); 1 = all N. Validation and evaluation always use all N
+    exemplar_gradient: str = "none"  # scalable path: none (cached components pass no gradient) | deferred (each
+    # exemplar's gradient as a component reaches the encoder at its next visit as a training point)
 
 
 @dataclass
@@ -138,6 +140,7 @@ CHOICES = {
     ("model", "exemplar_drift"): ("none", "affine"),
     ("model", "exemplar_components"): ("current", "epoch"),
     ("model", "exemplar_hops"): (1, 2),
+    ("model", "exemplar_gradient"): ("none", "deferred"),
     ("svi", "objective"): ("trace", "meanfield", "iwae"),
     ("svi", "device"): ("cpu", "cuda"),
 }

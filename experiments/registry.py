@@ -169,7 +169,8 @@ def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
                           cfg.exemplar_subset, cfg.exemplar_refresh_points, drift=cfg.exemplar_drift,
                           drift_batches=cfg.exemplar_drift_batches, components=cfg.exemplar_components,
                           hops=cfg.exemplar_hops, sweeps=cfg.exemplar_sweeps,
-                          landmarks=cfg.exemplar_landmarks, keep=cfg.exemplar_keep)
+                          landmarks=cfg.exemplar_landmarks, keep=cfg.exemplar_keep,
+                          gradient=cfg.exemplar_gradient)
     return _vae(data, cfg, likelihood, prior, guide)
 
 

@@ -29,6 +29,7 @@ class ScalableEstimate:
         """Forward hook on the guide's encoder: keep the encodings of the batch the guide has just seen."""
         if self.training and torch.is_grad_enabled() and args:
             self._batch = (args[0], output[0].detach(), output[1].detach())
+            self._live = output[0] if self.gradient == "deferred" else None  # the guide's loc, in the graph
 
     @torch.no_grad()
     def _take_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -37,6 +38,35 @@ class ScalableEstimate:
         if batch is None or batch[0].shape[0] != index.shape[0] or not torch.equal(batch[0], self.train_x[index]):
             return None  # e.g. dynamically binarized inputs: not the stored exemplars
         return batch[1], batch[2]
+
+    def _collect(self, ids: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        """``gradient="deferred"``: cached means ``loc`` of exemplars ``ids`` as a leaf whose gradient (the loss's,
+        which the cache does not pass to the encoder) is added to each exemplar's deferred gradient."""
+        if self.gradient != "deferred" or not torch.is_grad_enabled():
+            return loc
+        if self._deferred is None or self._deferred.device != loc.device:
+            self._deferred = torch.zeros(self.num_exemplars, loc.shape[-1], device=loc.device, dtype=loc.dtype)
+        leaf = loc.detach().requires_grad_()
+
+        def defer(grad: torch.Tensor) -> None:
+            self._deferred.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+
+        leaf.register_hook(defer)
+        return leaf
+
+    def _pass_deferred(self, index: torch.Tensor) -> None:
+        """Add the deferred gradients of the batch's exemplars to the gradient of the guide's encoding of them in
+        this step, so that the encoder's backward pass carries them (no encoder pass of its own)."""
+        live, self._live = self._live, None
+        if live is None or not live.requires_grad or self._deferred is None:
+            return
+
+        def pass_on(grad: torch.Tensor) -> torch.Tensor:
+            deferred = self._deferred[index]
+            self._deferred[index] = 0
+            return grad + deferred
+
+        live.register_hook(pass_on)
 
     @torch.no_grad()
     def _store(self, index: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -199,6 +229,6 @@ class ScalableEstimate:
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
         else:
             head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
-        return HeadTailMixture(head_logits, self._current(rows(self._loc, head)),
-                               head_scale, tail_logits, self._current(self._loc[tail]), tail_scale,
-                               self.max_elements)
+        return HeadTailMixture(head_logits, self._collect(head, self._current(rows(self._loc, head))),
+                               head_scale, tail_logits, self._collect(tail, self._current(self._loc[tail])),
+                               tail_scale, self.max_elements)

@@ -79,6 +79,11 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
     carried forward by W. The fit comes after the step's estimate (one semantics with and without DDP).
     It tracked a real MNIST run worse than plain write-back (BENCHMARKS.md section 2), hence not the default.
 
+    ``keep`` < 1 is the Exemplar VAE's exemplar subsampling (a regularizer against memorizing neighbours): each
+    training step draws a random subset S of ceil(keep N) exemplars, and point n's prior is 1/|S - {n}| sum_{m in S,
+    m != n} r_m(z). On the scalable path head members outside S are dropped and the tail draws from S, so the
+    estimate stays unbiased given S. Validation and evaluation (eval mode) use all N.
+
     Under torch.distributed every rank holds the same cache and table: each step all-gathers the ranks'
     written-back encodings and updated table rows, and the sweeps draw from a generator shared by the ranks.
     Write-back needs a guide whose ``net(x)`` returns (loc, scale) (``AmortizedNormalGuide``); with other
@@ -89,7 +94,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
-                 sweeps: int = 1, landmarks: int = 0, keep: float = 1.0):
+                 sweeps: int = 1, landmarks: int = 0, keep: float = 1.0, gradient: str = "none"):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -114,6 +119,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"exemplar keep must be in (0, 1] (the share of exemplars in each training step's prior; "
                              f"1: all), got {keep}")
+        if gradient not in ("none", "deferred") or (gradient == "deferred" and (path, drift) != ("scalable", "none")):
+            raise ValueError(f"exemplar gradient {gradient!r} is unknown or unsupported here; choose \"none\", or "
+                             f"\"deferred\" with path=\"scalable\" and drift=\"none\" (got {path!r}, {drift!r})")
         if sweeps < 1:
             raise ValueError(f"exemplar sweeps must be >= 1 (most NN-descent sweeps of the table per renewal), got "
                              f"{sweeps}")
@@ -131,6 +139,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             self.raw_shared_scale = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))  # softplus^-1(1)
         self.drift, self.drift_batches, self.components, self.hops = drift, drift_batches, components, hops
         self._loc = self._scale = self._table = self._batch = self._anchor = self._map = None
+        self.gradient, self._deferred, self._live = gradient, None, None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
         self.landmarks = min(landmarks, n)
@@ -142,15 +151,19 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             self.register_buffer("component_loc", loc.clone())
             self.register_buffer("component_scale", scale.clone())
         encoder = getattr(guide, "net", None)
-        if path == "scalable" and components == "current" and isinstance(encoder, nn.Module):
-            encoder.register_forward_hook(self._remember_batch)
+        if path == "scalable" and (components == "current" or gradient == "deferred"):
+            if not isinstance(encoder, nn.Module) and gradient == "deferred":
+                raise ValueError("exemplar gradient \"deferred\" needs a guide whose encoder is ``guide.net``, "
+                                 "returning (loc, scale) (AmortizedNormalGuide); use gradient=\"none\"")
+            if isinstance(encoder, nn.Module):
+                encoder.register_forward_hook(self._remember_batch)
 
     def get_extra_state(self) -> dict:
         """What the scalable path holds beside the buffers, so that a resumed run continues bit for bit: the
         neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache and
         the affine drift's anchor, map and recent pairs."""
         state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
-                 "due": self._due}
+                 "due": self._due, "deferred": self._deferred}
         if self.components == "current":
             state.update(loc=self._loc, scale=self._scale, anchor=self._anchor, map=self._map, pairs=self._pairs)
         return state
@@ -161,7 +174,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             return
         clone = lambda t: None if t is None else t.clone()  # noqa: E731 (never shared with a saved state_dict)
         self._table, self._sweeps, self._swept = clone(state["table"]), state["sweeps"], state["swept"]
-        self._seen, self._due = state["seen"], state["due"]
+        self._seen, self._due, self._deferred = state["seen"], state["due"], clone(state.get("deferred"))
         if self.components == "current":
             self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
             self._anchor, self._map = clone(state["anchor"]), clone(state["map"])
@@ -226,12 +239,17 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             self.refresh()
         self._seen += index.shape[0]
         fresh = self._take_batch(index)
-        if fresh is not None and self.drift == "none":
+        if self.gradient == "deferred":  # onto this step's encodings of the batch, when they are of these points
+            self._pass_deferred(index) if fresh is not None else setattr(self, "_live", None)
+        if fresh is not None and self.drift == "none" and self.components == "current":
             self._store(index, *fresh)
         # with epoch components a point's next visit comes after the renewal and the sweep: merging this step's
         # draws into its row would cost a search per step for a table the sweep rebuilds (BENCHMARKS.md section 2)
         estimate = self._estimate(index, refine=self.refine and self.components == "current", kept=kept)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            if self.gradient == "deferred":  # each rank would hold gradients for exemplars other ranks visit
+                raise RuntimeError("exemplar gradient \"deferred\" is not supported under torch.distributed yet; "
+                                   "use gradient=\"none\" or one process")
             self._share_updates(index, fresh)
         elif fresh is not None and self.drift == "affine":  # after the estimate, as under DDP: one semantics
             self._follow(index, *fresh)
