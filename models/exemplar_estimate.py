@@ -1,7 +1,8 @@
 """The scalable exemplar prior's machinery (``ExemplarPrior(path="scalable")``, ``models/exemplar_prior.py``):
 the cache of encodings and how training steps write into it (``drift="affine"`` included), the neighbour table's
-renewal, the head/tail estimate of the leave-one-out mixture (with the search around z of ``landmarks``), and
-the all-gather that keeps every rank's cache and table equal under torch.distributed.
+renewal, the head/tail estimate of the leave-one-out mixture (with the search around z of ``landmarks`` and the
+subset of ``keep``), the deferred gradient of the cached components (``gradient="deferred"``), the state a
+checkpoint carries, and the all-gather that keeps every rank's cache and table equal under torch.distributed.
 
 A mixin: it reads the prior's settings and state (``num_exemplars``, ``neighbors``, ``subset``, ``hops``, ``_loc``,
 ``_table``, ...), which ``ExemplarPrior.__init__`` sets; the class docstring there describes the estimate.
@@ -24,6 +25,36 @@ SETTLED = 0.1  # a sweep that renews less than this share of the table's entries
 
 class ScalableEstimate:
     """The scalable path of ``ExemplarPrior``: cache, table and the per-step head/tail estimate."""
+
+    def get_extra_state(self) -> dict:
+        """What the scalable path holds beside the buffers, so that a resumed run continues bit for bit: the
+        neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache and
+        the affine drift's anchor, map and recent pairs."""
+        state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
+                 "due": self._due, "deferred": self._deferred}
+        if self.components == "current":
+            state.update(loc=self._loc, scale=self._scale, anchor=self._anchor, map=self._map, pairs=self._pairs)
+        return state
+
+    def set_extra_state(self, state: dict | None) -> None:
+        if state is None:  # a checkpoint from before the table was saved: the next step builds it again
+            self._table = self._loc = None
+            return
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731 (never shared with a saved state_dict)
+        self._table, self._sweeps, self._swept = clone(state["table"]), state["sweeps"], state["swept"]
+        self._seen, self._due, self._deferred = state["seen"], state["due"], clone(state.get("deferred"))
+        if self.components == "current":
+            self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
+            self._anchor, self._map = clone(state["anchor"]), clone(state["map"])
+            self._pairs = [(clone(i), clone(m)) for i, m in state["pairs"]]
+        else:  # the cache is the component buffers, loaded before this
+            self._loc, self._scale = (None, None) if self._table is None else self._components()
+        if self._loc is not None:
+            self._sq_norm = self._loc.pow(2).sum(-1)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        state_dict.setdefault(prefix + "_extra_state", None)  # load_state_dict passes its own copy
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _remember_batch(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Forward hook on the guide's encoder: keep the encodings of the batch the guide has just seen."""

@@ -60,7 +60,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
     training points (``prior_error`` in ``history.csv``). On binarized MNIST it is nats, not hundredths (README,
     "Results on MNIST"): early in training the encoder moves too fast for any cache, and the nearest exemplar
     carries about half of the mixture at z, so a missed neighbour costs much. Gradients reach the encoder through
-    z and the shared scale, not through the cached exemplars.
+    z and the shared scale, not through the cached exemplars, unless ``gradient="deferred"``: then the loss's
+    gradient for each cached location is collected per exemplar and joins the gradient of the guide's encoding of
+    that exemplar at its next visit as a training point (``models/exemplar_estimate.py``).
 
     ``components="epoch"`` makes the cache the prior instead of chasing the encoder: the components are the
     encodings of all N exemplars made at the start of each epoch (the buffers ``component_loc``, ``component_scale``,
@@ -157,36 +159,6 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                                  "returning (loc, scale) (AmortizedNormalGuide); use gradient=\"none\"")
             if isinstance(encoder, nn.Module):
                 encoder.register_forward_hook(self._remember_batch)
-
-    def get_extra_state(self) -> dict:
-        """What the scalable path holds beside the buffers, so that a resumed run continues bit for bit: the
-        neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache and
-        the affine drift's anchor, map and recent pairs."""
-        state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
-                 "due": self._due, "deferred": self._deferred}
-        if self.components == "current":
-            state.update(loc=self._loc, scale=self._scale, anchor=self._anchor, map=self._map, pairs=self._pairs)
-        return state
-
-    def set_extra_state(self, state: dict | None) -> None:
-        if state is None:  # a checkpoint from before the table was saved: the next step builds it again
-            self._table = self._loc = None
-            return
-        clone = lambda t: None if t is None else t.clone()  # noqa: E731 (never shared with a saved state_dict)
-        self._table, self._sweeps, self._swept = clone(state["table"]), state["sweeps"], state["swept"]
-        self._seen, self._due, self._deferred = state["seen"], state["due"], clone(state.get("deferred"))
-        if self.components == "current":
-            self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
-            self._anchor, self._map = clone(state["anchor"]), clone(state["map"])
-            self._pairs = [(clone(i), clone(m)) for i, m in state["pairs"]]
-        else:  # the cache is the component buffers, loaded before this
-            self._loc, self._scale = (None, None) if self._table is None else self._components()
-        if self._loc is not None:
-            self._sq_norm = self._loc.pow(2).sum(-1)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        state_dict.setdefault(prefix + "_extra_state", None)  # load_state_dict passes its own copy
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def num_exemplars(self) -> int:
