@@ -43,6 +43,9 @@ class ScalableEstimate:
         clone = lambda t: None if t is None else t.clone()  # noqa: E731 (never shared with a saved state_dict)
         self._table, self._sweeps, self._swept = clone(state["table"]), state["sweeps"], state["swept"]
         self._seen, self._due, self._deferred = state["seen"], state["due"], clone(state.get("deferred"))
+        if self._deferred is not None and torch_dist.is_available() and torch_dist.is_initialized() and (
+                torch_dist.get_rank() > 0):  # a checkpoint holds rank 0's deferred gradients: counted once, there
+            self._deferred.zero_()
         if self.components == "current":
             self._loc, self._scale = clone(state["loc"]), clone(state["scale"])
             self._anchor, self._map = clone(state["anchor"]), clone(state["map"])
@@ -85,19 +88,39 @@ class ScalableEstimate:
         leaf.register_hook(defer)
         return leaf
 
-    def _pass_deferred(self, index: torch.Tensor) -> None:
+    def _pass_deferred(self, index: torch.Tensor, usable: bool) -> None:
         """Add the deferred gradients of the batch's exemplars to the gradient of the guide's encoding of them in
-        this step, so that the encoder's backward pass carries them (no encoder pass of its own)."""
+        this step (``usable``: that encoding is of these points), so that the encoder's backward pass carries them
+        (no encoder pass of its own). Under torch.distributed every rank takes part, usable or not."""
         live, self._live = self._live, None
-        if live is None or not live.requires_grad or self._deferred is None:
+        if self._deferred is None:  # before the first step's estimate: nothing deferred yet, on any rank
             return
+        usable = usable and live is not None and live.requires_grad
+        taken = self._take_deferred(index if usable else index[:0])
+        if usable:
+            live.register_hook(lambda grad: grad + taken)
 
-        def pass_on(grad: torch.Tensor) -> torch.Tensor:
-            deferred = self._deferred[index]
+    @torch.no_grad()
+    def _take_deferred(self, index: torch.Tensor) -> torch.Tensor:
+        """The deferred gradients of exemplars ``index``, taken out of the buffer. Each rank's buffer holds what its
+        own steps deferred, so under torch.distributed the rows of every rank's batch are summed over the ranks and
+        taken out of every buffer (the batches are disjoint), and each rank gets its own batch's sums."""
+        if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+            taken = self._deferred[index].clone()
             self._deferred[index] = 0
-            return grad + deferred
-
-        live.register_hook(pass_on)
+            return taken
+        sizes = [torch.zeros(1, dtype=torch.long, device=index.device) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(sizes, torch.tensor([index.shape[0]], device=index.device))
+        padded = index.new_full((int(max(sizes)),), -1)
+        padded[: index.shape[0]] = index
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch_dist.all_gather(parts, padded)
+        ids = torch.cat([part[: int(size)] for size, part in zip(sizes, parts, strict=True)])
+        rows = self._deferred[ids]
+        torch_dist.all_reduce(rows)
+        self._deferred[ids] = 0
+        start = int(sum(sizes[: torch_dist.get_rank()]))
+        return rows[start : start + index.shape[0]]
 
     @torch.no_grad()
     def _store(self, index: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:

@@ -212,16 +212,13 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._seen += index.shape[0]
         fresh = self._take_batch(index)
         if self.gradient == "deferred":  # onto this step's encodings of the batch, when they are of these points
-            self._pass_deferred(index) if fresh is not None else setattr(self, "_live", None)
+            self._pass_deferred(index, fresh is not None)
         if fresh is not None and self.drift == "none" and self.components == "current":
             self._store(index, *fresh)
         # with epoch components a point's next visit comes after the renewal and the sweep: merging this step's
         # draws into its row would cost a search per step for a table the sweep rebuilds (BENCHMARKS.md section 2)
         estimate = self._estimate(index, refine=self.refine and self.components == "current", kept=kept)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            if self.gradient == "deferred":  # each rank would hold gradients for exemplars other ranks visit
-                raise RuntimeError("exemplar gradient \"deferred\" is not supported under torch.distributed yet; "
-                                   "use gradient=\"none\" or one process")
             self._share_updates(index, fresh)
         elif fresh is not None and self.drift == "affine":  # after the estimate, as under DDP: one semantics
             self._follow(index, *fresh)

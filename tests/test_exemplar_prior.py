@@ -605,3 +605,39 @@ def test_fit_with_deferred_gradient_trains_and_resumes_bit_for_bit(tmp_path):
     resumed = fit(build(), data, config, seed=1, checkpoint=tmp_path / "c.pt", resume=True, progress=False)
     assert resumed.history.drop(columns="seconds").equals(straight.history.drop(columns="seconds"))
     assert straight.history["val_elbo"].notna().all()
+
+
+def _take_and_fit_deferred(rank: int, world: int, port: int, out: str) -> None:
+    with process_group(rank, world, port):
+        prior, _ = _deferred_prior()
+        base = torch.arange(24.0).reshape(12, 2)
+        prior._deferred = (rank + 1) * base  # what each rank's own steps deferred
+        index = torch.tensor([[1, 4, 6], [2, 9]][rank])  # disjoint batches of unequal size
+        taken = prior._take_deferred(index)
+        pyro.set_rng_seed(0)
+        data = _tiny_digits(train=40)
+        data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
+        pair = _scalable_pair(data, exemplar_components="epoch", exemplar_gradient="deferred")
+        fit(pair, data, SVIConfig(epochs=2, batch_size=7), seed=1, progress=False)  # uneven shards: 4 + 3
+        torch.save({"taken": taken, "left": prior._deferred, "params": [p.detach() for p in pair.model.parameters()],
+                    "deferred": pair.model.prior._deferred}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no torch.distributed with the gloo backend")
+def test_under_two_ranks_each_takes_its_batchs_deferred_gradients_summed_over_the_ranks_and_fit_trains(tmp_path):
+    """Each rank's buffer holds what its own steps deferred: a rank's batch gets the sum over both buffers, every
+    rank's batch rows are cleared in both, the other rows stay; a fit with deferred gradients keeps the ranks'
+    parameters equal (DDP) and defers something."""
+    mp.spawn(_take_and_fit_deferred, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    base = torch.arange(24.0).reshape(12, 2)
+    torch.testing.assert_close(ranks[0]["taken"], 3 * base[[1, 4, 6]])
+    torch.testing.assert_close(ranks[1]["taken"], 3 * base[[2, 9]])
+    cleared = torch.zeros(12, dtype=torch.bool).index_fill_(0, torch.tensor([1, 4, 6, 2, 9]), True)
+    for r in range(2):
+        assert (ranks[r]["left"][cleared] == 0).all()
+        torch.testing.assert_close(ranks[r]["left"][~cleared], (r + 1) * base[~cleared])
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert ranks[0]["deferred"].abs().sum() > 0
