@@ -96,7 +96,11 @@ class ScalableEstimate:
         if self._deferred is None:  # before the first step's estimate: nothing deferred yet, on any rank
             return
         usable = usable and live is not None and live.requires_grad
-        taken = self._take_deferred(index if usable else index[:0])
+        if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+            if usable:  # taken when the backward pass reaches the encoding: with what this step deferred before it
+                live.register_hook(lambda grad: grad + self._take_deferred(index))
+            return
+        taken = self._take_deferred(index if usable else index[:0])  # a collective: here, on every rank
         if usable:
             live.register_hook(lambda grad: grad + taken)
 
