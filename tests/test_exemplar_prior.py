@@ -641,3 +641,13 @@ def test_under_two_ranks_each_takes_its_batchs_deferred_gradients_summed_over_th
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         torch.testing.assert_close(a, b)
     assert ranks[0]["deferred"].abs().sum() > 0
+
+
+def test_a_config_with_deferred_gradients_builds_the_exact_path_too_which_needs_no_deferral():
+    """The MNIST configs set exemplar_gradient = "deferred"; with few training points (path "auto" -> exact, or
+    the benchmark's exact path) the pair still builds, with the exact path's own gradients."""
+    data = _tiny_digits(train=40)
+    cfg = ModelConfig(hidden=[8], latent_dim=3, exemplar_gradient="deferred")
+    assert get_variant("vae-exemplar").factory(data, cfg, "bernoulli").model.prior.gradient == "none"
+    scalable = _scalable_pair(data, exemplar_components="epoch", exemplar_gradient="deferred")
+    assert scalable.model.prior.gradient == "deferred"
