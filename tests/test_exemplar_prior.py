@@ -357,14 +357,16 @@ def test_sweeps_below_one_are_refused():
         ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, sweeps=0)
 
 
-@pytest.mark.parametrize("components, drift", [("epoch", "none"), ("current", "none"), ("current", "affine")])
+@pytest.mark.parametrize("components, drift, gradient", [("epoch", "none", "none"), ("current", "none", "none"),
+                                                          ("current", "affine", "none"), ("epoch", "none", "deferred")])
 def test_an_interrupted_and_resumed_fit_of_the_scalable_prior_ends_as_an_uninterrupted_one(components, drift,
-                                                                                           tmp_path):
-    """The checkpoint carries the neighbour table, the sweep count and (current components) the cache and the
-    affine drift's state, so the resumed run draws and estimates exactly as the uninterrupted one."""
+                                                                                           gradient, tmp_path):
+    """The checkpoint carries the neighbour table, the sweep count, the deferred gradients and (current components)
+    the cache and the affine drift's state, so the resumed run draws and estimates exactly as the uninterrupted one."""
     data = _tiny_digits(train=60)
     config = SVIConfig(epochs=4, batch_size=20, patience=10, warmup_epochs=2)
-    settings = {"exemplar_components": components, "exemplar_hops": 2, "exemplar_sweeps": 3, "exemplar_drift": drift}
+    settings = {"exemplar_components": components, "exemplar_hops": 2, "exemplar_sweeps": 3, "exemplar_drift": drift,
+                "exemplar_gradient": gradient}
 
     def build():
         pyro.set_rng_seed(5)
@@ -374,6 +376,7 @@ def test_an_interrupted_and_resumed_fit_of_the_scalable_prior_ends_as_an_uninter
     fit(build(), data, replace(config, epochs=2), seed=1, checkpoint=tmp_path / "c.pt", progress=False)
     resumed = fit(build(), data, config, seed=1, checkpoint=tmp_path / "c.pt", resume=True, progress=False)
     assert resumed.history.drop(columns="seconds").equals(straight.history.drop(columns="seconds"))
+    assert straight.history["val_elbo"].notna().all()
 
 
 def test_a_state_dict_without_the_table_loads_and_the_next_step_builds_it():
@@ -587,24 +590,6 @@ def test_deferred_gradient_is_refused_off_the_scalable_path_and_with_affine_drif
         settings = {"gradient": "deferred", **settings}
         with pytest.raises(ValueError, match="gradient"):
             ExemplarPrior(AmortizedNormalGuide(5, [6], 2), torch.rand(12, 5), neighbors=2, subset=12, **settings)
-
-
-def test_fit_with_deferred_gradient_trains_and_resumes_bit_for_bit(tmp_path):
-    """Through the registry and ``fit``: the deferred gradients are checkpointed with the table, so a resumed fit
-    ends as the uninterrupted one."""
-    data = _tiny_digits(train=60)
-    config = SVIConfig(epochs=4, batch_size=20, patience=10, warmup_epochs=2)
-    settings = {"exemplar_components": "epoch", "exemplar_hops": 2, "exemplar_gradient": "deferred"}
-
-    def build():
-        pyro.set_rng_seed(5)
-        return _scalable_pair(data, **settings)
-
-    straight = fit(build(), data, config, seed=1, progress=False)
-    fit(build(), data, replace(config, epochs=2), seed=1, checkpoint=tmp_path / "c.pt", progress=False)
-    resumed = fit(build(), data, config, seed=1, checkpoint=tmp_path / "c.pt", resume=True, progress=False)
-    assert resumed.history.drop(columns="seconds").equals(straight.history.drop(columns="seconds"))
-    assert straight.history["val_elbo"].notna().all()
 
 
 def _take_and_fit_deferred(rank: int, world: int, port: int, out: str) -> None:
