@@ -23,6 +23,18 @@ SWEEP_POOL = 256  # random candidates per chunk of a table sweep
 SETTLED = 0.1  # a sweep that renews less than this share of the table's entries ends the renewal's sweeps
 
 
+def compact(head: torch.Tensor, dropped: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``head`` (B, H) with its members (not ``dropped``) first, in order, cut at the fullest row:
+    (B, W) ids and their dropped mask, the padding set to ``fill`` (B,), an id the caller excludes anyway. Less to
+    score and to backpropagate than the full width; a scatter, where a stable sort of the mask costs more."""
+    member = ~dropped
+    count = member.sum(1, keepdim=True)
+    width = max(1, int(count.max()))
+    slot = torch.where(member, member.cumsum(1) - 1, width)  # dropped entries all land in a spare last column
+    out = fill[:, None].expand(-1, width + 1).clone().scatter_(1, slot, head)
+    return out[:, :width], torch.arange(width, device=head.device) >= count
+
+
 class ScalableEstimate:
     """The scalable path of ``ExemplarPrior``: cache, table and the per-step head/tail estimate."""
 
@@ -216,7 +228,7 @@ class ScalableEstimate:
     def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None,
                   kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadTailMixture | SearchedHeadTail:
         """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache; with
-        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds. ``kept`` (sorted
+        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds. ``kept`` (its
         ids, (N,) mask) restricts the mixture to a subset S of the exemplars: head members outside S are dropped
         and the tail draws from S."""
         n = self.num_exemplars
@@ -273,6 +285,8 @@ class ScalableEstimate:
             dropped = ~kept[head] if dropped is None else dropped | ~kept[head]
             others = (kept.sum() - kept[index].long())[:, None].to(self._loc.dtype)
         log_share = -math.log(others) if kept is None else -others.log()  # each head member's weight
+        if dropped is not None:  # a 2-hop head of 110 holds ~60 distinct members (85 at most in a batch of 100)
+            head, dropped = compact(head, dropped, index)
         if dropped is None:
             head_logits = self._loc.new_full(head.shape, log_share)
             size = torch.full((b, 1), head.shape[1], device=index.device)

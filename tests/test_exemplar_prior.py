@@ -19,6 +19,7 @@ from vae_priors.experiments.files import load_state
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.training.svi import fit
 from vae_priors.guides.amortized_normal import AmortizedNormalGuide
+from vae_priors.models.exemplar_estimate import compact
 from vae_priors.models.exemplar_prior import ExemplarPrior
 from vae_priors.models.plate import subsample
 
@@ -307,6 +308,18 @@ def test_a_two_hop_head_is_each_distinct_member_of_the_rows_and_their_rows_and_t
     loo = _loo_logits(index, n)
     torch.testing.assert_close(estimate.log_prob(z).double(), brute_force_mixture(z, loo, x, torch.full((n, 2), 0.7)),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_compact_puts_each_rows_members_first_in_order_and_cuts_the_rows_at_the_fullest():
+    """The head a step scores: members in their order, padding with the caller's fill id marked as dropped, and
+    at least one column when nothing is left."""
+    head = torch.tensor([[3, 5, 5, 7], [1, 2, 4, 9]])
+    dropped = torch.tensor([[False, False, True, False], [True, True, False, True]])
+    ids, gone = compact(head, dropped, torch.tensor([0, 8]))
+    assert ids.tolist() == [[3, 5, 7], [4, 8, 8]]
+    assert gone.tolist() == [[False, False, False], [False, True, True]]
+    ids, gone = compact(head, torch.ones_like(dropped), torch.tensor([0, 8]))
+    assert ids.tolist() == [[0], [8]] and gone.all()
 
 
 def test_a_two_hop_estimate_is_unbiased_in_density_over_the_tail_draws():
