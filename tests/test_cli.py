@@ -208,3 +208,11 @@ def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "per epoch" in line]
     assert [line.split()[0] for line in lines] == ["vae", "vae-exemplar"] and lines[0].endswith("1.00x vae")
+
+
+def test_bench_mixture_prior_epoch_cost_refuses_a_skip_that_leaves_no_epoch(tmp_path):
+    (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR)
+    result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--skip", "2",
+                        cwd=tmp_path)
+    assert result.returncode != 0 and "--skip 2 leaves no epoch of 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

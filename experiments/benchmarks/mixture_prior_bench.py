@@ -148,22 +148,26 @@ def run(data_path: Path, sizes: list[int], reps: int, exact_reps: int, batch_siz
                   ", ".join(f"M={m}: |err| {a:.3f} mean {e:.3f}" for m, (a, e) in errors.items()))
 
 
-def epoch_cost(config_path: Path, epochs: int, rounds: int) -> None:
+def epoch_cost(config_path: Path, epochs: int, rounds: int, skip: int = 1) -> None:
     """Whole epochs through ``fit`` (steps, validation, the prior's ``end_epoch``) of ``vae`` and ``vae-exemplar``
-    under a run config, taking turns ``rounds`` times; the median epoch seconds and their ratio."""
+    under a run config, taking turns ``rounds`` times; the median epoch seconds and their ratio, leaving out the
+    first ``skip`` epochs of each turn (the first builds the cache and warms up oneDNN; a young neighbour table
+    sweeps several times in the next few, a settled one once)."""
     config = load_config(config_path)
     data = load_run_data(config.data)
+    if not 0 <= skip < epochs:
+        raise SystemExit(f"--skip {skip} leaves no epoch of {epochs} to time; use 0 <= --skip < --epochs")
     svi = dataclasses.replace(config.svi, epochs=epochs, patience=epochs + 1)
     seconds: dict[str, list[float]] = {"vae": [], "vae-exemplar": []}
     for _ in range(rounds):
         for name in seconds:
             pair, dataset = build_pair(config, data, name)
             history = fit(pair, dataset, svi, seed=config.seed, progress=False).history
-            seconds[name] += list(history.seconds[1:])  # the first epoch builds the cache and warms up oneDNN
+            seconds[name] += list(history.seconds[skip:])
     base = statistics.median(seconds["vae"])
     print(f"{config_path.name}: epochs of {len(dataset.train)} points in batches of {svi.batch_size}, validation on "
           f"{len(dataset.val)}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {rounds} rounds of "
-          f"{epochs} epochs, the first of each left out")
+          f"{epochs} epochs, the first {skip} of each left out")
     for name, values in seconds.items():
         median = statistics.median(values)
         print(f"  {name:<13} median {median:6.2f} s per epoch ({', '.join(f'{v:.2f}' for v in values)}): "
@@ -187,9 +191,10 @@ def main(argv: list[str] | None = None) -> None:
                         "this run config's [model] (default: 784-300-300-40 ReLU nets, encoder variances)")
     parser.add_argument("--epochs", type=int, default=3, help="with --epoch-cost: epochs per turn")
     parser.add_argument("--rounds", type=int, default=2, help="with --epoch-cost: turns of each variant")
+    parser.add_argument("--skip", type=int, default=1, help="with --epoch-cost: first epochs of each turn not timed")
     args = parser.parse_args(argv)
     if args.epoch_cost:
-        return epoch_cost(args.epoch_cost, args.epochs, args.rounds)
+        return epoch_cost(args.epoch_cost, args.epochs, args.rounds, args.skip)
     if not args.data.is_file():
         parser.error(f"{args.data} does not exist; pass --data PATH/binarized_mnist.npz")
     run(args.data, args.sizes, args.reps, args.exact_reps, args.batch_size, args.seed, args.error_points,
