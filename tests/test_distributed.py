@@ -89,6 +89,19 @@ class _Call(nn.Module):
 STEP_CONFIG = SVIConfig(epochs=2, batch_size=7, lr=0.05, clip_norm=0.5, patience=10)
 
 
+def spawn_gloo(worker, *args) -> None:
+    """``worker(rank, 2, port, *args)`` in two spawned processes. gloo now and then aborts a rank at teardown
+    ("terminate called without an active exception", SIGABRT; seen once in a few hundred runs, the barrier below
+    notwithstanding): such a run is repeated once, on a new port. Any other failure, or a second abort, fails."""
+    for attempt in range(2):
+        try:
+            mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as error:
+            if error.signal_name != "SIGABRT" or attempt:
+                raise
+
+
 @contextlib.contextmanager
 def process_group(rank: int, world: int, port: int) -> Iterator[None]:
     """This spawned process as rank ``rank`` of a gloo group of ``world`` on the loopback ``port``, one thread."""
@@ -119,7 +132,7 @@ def test_two_process_steps_equal_one_process_steps_on_the_global_batch(tmp_path)
     data = _tiny_digits()
     single = _delta_pair(data)
     expected = fit(single, data, STEP_CONFIG, seed=3, progress=False)
-    mp.spawn(_fit_and_save, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_fit_and_save, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, value in single.model.state_dict().items():
         for saved in ranks:
@@ -143,7 +156,7 @@ def test_two_process_evaluation_gathers_every_test_point_in_order(tmp_path):
     point-mass guide (no Monte Carlo noise) the result equals the one-process evaluation to float precision."""
     data = _tiny_digits()
     expected = evaluate(_delta_pair(data), data.test, num_particles=3).weights
-    mp.spawn(_evaluate_and_save, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_evaluate_and_save, str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"eval{rank}.pt", weights_only=False)
         for name in ("log_q", "log_p_z", "log_lik"):
@@ -179,7 +192,7 @@ def test_two_process_diagnostics_are_the_one_process_numbers_of_each_shard(tmp_p
     per-point array is what one process computes on that shard with that rank's seed, gathered in order, on both
     ranks. The aggregate numbers with a closed-form KL (N(0, I) prior) use the same q_agg and prior draws on every
     rank, so they equal one process's; with the VampPrior's Monte Carlo KL only the draws of rank 1's half differ."""
-    mp.spawn(_diagnose_and_save, args=(2, _free_port(), str(tmp_path), variant), nprocs=2, join=True)
+    spawn_gloo(_diagnose_and_save, str(tmp_path), variant)
     got = [torch.load(tmp_path / f"diagnostics{r}.pt", weights_only=False) for r in range(2)]
     pair, data = _diagnostics_pair(variant)
     halves = [data.test.subset(slice(0, 5)), data.test.subset(slice(5, 9))]

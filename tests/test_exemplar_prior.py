@@ -10,9 +10,8 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.test_distributed import _free_port, _tiny_digits, process_group
+from tests.test_distributed import _tiny_digits, process_group, spawn_gloo
 from tests.test_mixture_priors import LinearEncoder, brute_force_mixture
 from vae_priors.experiments.config import ModelConfig, SVIConfig
 from vae_priors.experiments.files import load_state
@@ -186,7 +185,7 @@ def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str) 
                     reason="this torch build has no torch.distributed with the gloo backend")
 @pytest.mark.parametrize("drift", ["none", "affine"])
 def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path, drift):
-    mp.spawn(_fit_and_keep_state, args=(2, _free_port(), str(tmp_path), drift), nprocs=2, join=True)
+    spawn_gloo(_fit_and_keep_state, str(tmp_path), drift)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for state0, state1 in zip(*ranks, strict=True):
         for a, b in zip(state0, state1, strict=True):
@@ -627,7 +626,7 @@ def test_under_two_ranks_each_takes_its_batchs_deferred_gradients_summed_over_th
     """Each rank's buffer holds what its own steps deferred: a rank's batch gets the sum over both buffers, every
     rank's batch rows are cleared in both, the other rows stay; a fit with deferred gradients keeps the ranks'
     parameters equal (DDP) and defers something."""
-    mp.spawn(_take_and_fit_deferred, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_take_and_fit_deferred, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     base = torch.arange(24.0).reshape(12, 2)
     torch.testing.assert_close(ranks[0]["taken"], 3 * base[[1, 4, 6]])
