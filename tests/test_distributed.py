@@ -90,8 +90,8 @@ STEP_CONFIG = SVIConfig(epochs=2, batch_size=7, lr=0.05, clip_norm=0.5, patience
 
 
 def spawn_gloo(worker, *args) -> None:
-    """``worker(rank, 2, port, *args)`` in two spawned processes. gloo now and then aborts a rank at teardown
-    ("terminate called without an active exception", SIGABRT; seen once in a few hundred runs, the barrier below
+    """``worker(rank, 2, port, *args)`` in two spawned processes. gloo has aborted a rank with "terminate called
+    without an active exception" (SIGABRT; once, in a CI run on 2026-12-03, the barrier in ``process_group``
     notwithstanding): such a run is repeated once, on a new port. Any other failure, or a second abort, fails."""
     for attempt in range(2):
         try:

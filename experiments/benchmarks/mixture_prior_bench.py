@@ -153,10 +153,10 @@ def epoch_cost(config_path: Path, epochs: int, rounds: int, skip: int = 1) -> No
     under a run config, taking turns ``rounds`` times; the median epoch seconds and their ratio, leaving out the
     first ``skip`` epochs of each turn (the first builds the cache and warms up oneDNN; a young neighbour table
     sweeps several times in the next few, a settled one once)."""
-    config = load_config(config_path)
-    data = load_run_data(config.data)
     if not 0 <= skip < epochs:
         raise SystemExit(f"--skip {skip} leaves no epoch of {epochs} to time; use 0 <= --skip < --epochs")
+    config = load_config(config_path)
+    data = load_run_data(config.data)
     svi = dataclasses.replace(config.svi, epochs=epochs, patience=epochs + 1)
     seconds: dict[str, list[float]] = {"vae": [], "vae-exemplar": []}
     for _ in range(rounds):
