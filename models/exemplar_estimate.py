@@ -16,11 +16,13 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from vae_priors.models.exemplar_clusters import draw_near, fit_clusters
 from vae_priors.models.mixture_distributions import HeadTailMixture, SearchedHeadTail
 from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
 
 SWEEP_POOL = 256  # random candidates per chunk of a table sweep
 SETTLED = 0.1  # a sweep that renews less than this share of the table's entries ends the renewal's sweeps
+CLUSTER_ITERATIONS = 3  # Lloyd iterations per renewal, each started from the last renewal's centres
 
 
 def compact(head: torch.Tensor, dropped: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,7 @@ class ScalableEstimate:
         neighbour table, the sweep count (it seeds the sweeps' draws), and with current components the cache and
         the affine drift's anchor, map and recent pairs."""
         state = {"table": self._table, "sweeps": self._sweeps, "swept": self._swept, "seen": self._seen,
-                 "due": self._due, "deferred": self._deferred}
+                 "due": self._due, "deferred": self._deferred, "centres": self._centres}
         if self.components == "current":
             state.update(loc=self._loc, scale=self._scale, anchor=self._anchor, map=self._map, pairs=self._pairs)
         return state
@@ -64,8 +66,10 @@ class ScalableEstimate:
             self._pairs = [(clone(i), clone(m)) for i, m in state["pairs"]]
         else:  # the cache is the component buffers, loaded before this
             self._loc, self._scale = (None, None) if self._table is None else self._components()
+        self._centres, self._clusters = clone(state.get("centres")), None
         if self._loc is not None:
             self._sq_norm = self._loc.pow(2).sum(-1)
+            self._fit_clusters(iterations=0)  # the saved centres' partition of the cache, as the run had it
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         state_dict.setdefault(prefix + "_extra_state", None)  # load_state_dict passes its own copy
@@ -211,6 +215,18 @@ class ScalableEstimate:
         while done < self.sweeps and new >= SETTLED:  # until the table settles: a young one needs several sweeps
             new, done = sweep(self._table, self._loc, SWEEP_POOL, rng), done + 1
         self._swept, self._seen = (done, new), 0
+        self._fit_clusters(generator=rng)
+
+    @torch.no_grad()
+    def _fit_clusters(self, iterations: int = CLUSTER_ITERATIONS, generator: torch.Generator | None = None) -> None:
+        """``clusters`` > 0: partition the cache by k-means, started from the last renewal's centres."""
+        if not self.clusters or self._loc is None:
+            return
+        if self._centres is None and generator is None:  # nothing to start from (never with a saved state)
+            return
+        variance = self._component_scale(self._scale).pow(2)
+        self._clusters = fit_clusters(self._loc, variance, self.clusters, generator, self._centres, iterations)
+        self._centres = self._clusters.centres
 
     @torch.no_grad()
     def estimate_error(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
@@ -246,12 +262,19 @@ class ScalableEstimate:
             head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
         if refine and self.subset < n:  # for later visits
             merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
-        if not self.landmarks:
+        clustered = self._clusters is not None and len(tail) < len(pool)  # (a tail of the whole pool is exact)
+        if not (self.landmarks or clustered):
             return self._head_tail(index, head, tail, self.hops == 2, mask)
-        landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator)
-        return SearchedHeadTail(lambda z: self._head_tail(index, self._search(head, landmarks, z), tail, True, mask),
-                                lambda: self._head_tail(index, head, tail, self.hops == 2, mask), index.shape[0],
-                                self._loc.shape[1])
+        landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator) if (
+            self.landmarks) else None
+
+        def build(z: torch.Tensor) -> HeadTailMixture:  # the head and tail of this z
+            searched = head if landmarks is None else self._search(head, landmarks, z)
+            near = (z, len(pool), generator) if clustered else None
+            return self._head_tail(index, searched, tail, self.hops == 2 or landmarks is not None, mask, near)
+
+        return SearchedHeadTail(build, lambda: self._head_tail(index, head, tail, self.hops == 2, mask),
+                                index.shape[0], self._loc.shape[1])
 
     @torch.no_grad()
     def _search(self, head: torch.Tensor, landmarks: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -270,10 +293,13 @@ class ScalableEstimate:
         return torch.cat([head, found], 1)
 
     def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool,
-                   kept: torch.Tensor | None = None) -> HeadTailMixture:
+                   kept: torch.Tensor | None = None,
+                   near: tuple[torch.Tensor, int, torch.Generator | None] | None = None) -> HeadTailMixture:
         """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
         head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does).
-        ``kept``: an (N,) mask of the exemplars in the mixture (the tail draws only from them); None: all N."""
+        ``kept``: an (N,) mask of the exemplars in the mixture (the tail draws only from them); None: all N.
+        ``near`` (z, the pool's size, generator): the rest is also drawn around z from the clusters
+        (``models/exemplar_clusters.py``), each draw weighed with the tail's by the balance heuristic."""
         n, b = self.num_exemplars, index.shape[0]
         # the exemplars besides n that the mixture is over: N - 1, or |S| less n where n is in S
         others, dropped = n - 1, None
@@ -293,8 +319,15 @@ class ScalableEstimate:
             head_logits = torch.where(dropped, -math.inf, log_share)
             size = (~dropped).sum(1, keepdim=True)
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        log_tail = ((others - size) / others).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
-        tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
+        log_mass = None
+        if near is None:
+            log_tail = ((others - size) / others).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
+            tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
+        else:
+            z, pool_size, generator = near
+            head, head_logits, tail_logits = draw_near(self._clusters, self.cluster_draws, z, generator, index, head,
+                                                       head_logits, tail, in_tail, pool_size, log_share, kept)
+            log_mass = torch.cat([head_logits, tail_logits], 1).logsumexp(1)  # one only on average
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
@@ -302,4 +335,4 @@ class ScalableEstimate:
             head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
         return HeadTailMixture(head_logits, self._collect(head, self._current(rows(self._loc, head))),
                                head_scale, tail_logits, self._collect(tail, self._current(self._loc[tail])),
-                               tail_scale, self.max_elements)
+                               tail_scale, self.max_elements, log_mass=log_mass)

@@ -47,7 +47,11 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
        step itself uses the old head; ``models/neighbor_table.py``). ``hops=2``: head_n is the row and the rows of
        its members (up to k + k^2 distinct exemplars). ``landmarks`` > 0: the head also holds what a greedy search
        of the table finds around z itself, so the step returns a ``SearchedHeadTail`` that searches in ``log_prob``
-       (given z the head is fixed, so step 3 holds as it is; a third less error at 2x the step, BENCHMARKS.md);
+       (given z the head is fixed, so step 3 holds as it is; a third less error at 2x the step, BENCHMARKS.md).
+       ``clusters`` = C > 0: the tail also takes ``cluster_draws`` draws per point around z from a k-means partition
+       of the cache into C clusters, renewed with the table, weighed with the uniform draws by multiple importance
+       sampling (``models/exemplar_clusters.py``): still unbiased given the cache, and late in a long run the
+       mass near z that the head misses is drawn where a uniform tail rarely reaches it;
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -96,7 +100,8 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                  neighbors: int = 10, subset: int = 512, refresh_points: int = 0,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
-                 sweeps: int = 1, landmarks: int = 0, keep: float = 1.0, gradient: str = "none"):
+                 sweeps: int = 1, landmarks: int = 0, keep: float = 1.0, gradient: str = "none", clusters: int = 0,
+                 cluster_draws: int = 256):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -118,6 +123,10 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         if landmarks < 0 or (landmarks and drift != "none"):
             raise ValueError(f"exemplar landmarks must be >= 0 (0: no search around z) and need drift=\"none\", got "
                              f"{landmarks} with drift={drift!r}")
+        if clusters < 0 or cluster_draws < 1 or (clusters and drift != "none"):
+            raise ValueError(f"exemplar clusters must be >= 0 (0: a uniform tail only) with cluster_draws >= 1, and "
+                             f"need drift=\"none\"; got clusters={clusters}, cluster_draws={cluster_draws}, "
+                             f"drift={drift!r}")
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"exemplar keep must be in (0, 1] (the share of exemplars in each training step's prior; "
                              f"1: all), got {keep}")
@@ -145,6 +154,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._seen = self._sweeps = 0
         self.landmarks = min(landmarks, n)
+        self.clusters, self.cluster_draws, self._clusters, self._centres = min(clusters, n), cluster_draws, None, None
         self.kept_size = max(2, math.ceil(keep * n))  # >= 2, so that every n keeps another exemplar
         self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step

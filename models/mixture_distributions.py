@@ -166,11 +166,16 @@ class HeadTailMixture(dist.MixtureSameFamily):
     ``log_prob`` evaluates the head directly ((B, k, D)) and the tail by the quadratic expansion of
     ``gaussian_log_density_matrix`` in chunks of ``max_elements`` (queries x M) entries, so no (B, k + M, D)
     tensor is formed; ``component_distribution`` (for ``mean``, ``sample``) builds it only when asked.
+
+    ``log_mass`` (B,): the log of the sum of the weights that the logits stand for, where it is not one (an
+    importance-sampled estimate, whose weights sum to one only on average): ``log_prob`` adds it, so the density
+    stays the estimate's; ``sample`` draws from the normalized mixture.
     """
 
     def __init__(self, head_logits: torch.Tensor, head_loc: torch.Tensor, head_scale: torch.Tensor,
                  tail_logits: torch.Tensor, tail_loc: torch.Tensor, tail_scale: torch.Tensor,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None):
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None,
+                 log_mass: torch.Tensor | None = None):
         b, k, d = head_loc.shape
         if (head_logits.shape != (b, k) or head_scale.shape not in (head_loc.shape, (1, 1, d))
                 or tail_loc.dim() != 2 or tail_scale.shape != tail_loc.shape
@@ -180,7 +185,7 @@ class HeadTailMixture(dist.MixtureSameFamily):
                              f"(B, M), tail_loc and tail_scale (M, D); got {tuple(head_logits.shape)}, "
                              f"{tuple(head_loc.shape)}, {tuple(tail_logits.shape)}, {tuple(tail_loc.shape)}")
         self.head_loc, self.head_scale, self.tail_loc, self.tail_scale = head_loc, head_scale, tail_loc, tail_scale
-        self.max_elements, self._components = max_elements, None
+        self.max_elements, self._components, self.log_mass = max_elements, None, log_mass
         placeholder = head_loc.new_ones(()).expand(b, k + tail_loc.shape[0], d)  # shapes only; see below
         super().__init__(dist.Categorical(logits=torch.cat([head_logits, tail_logits], -1)),
                          dist.Normal(placeholder, placeholder, validate_args=False).to_event(1),
@@ -197,7 +202,7 @@ class HeadTailMixture(dist.MixtureSameFamily):
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(HeadTailMixture, _instance)
-        for name in ("head_loc", "head_scale", "tail_loc", "tail_scale", "max_elements", "_components"):
+        for name in ("head_loc", "head_scale", "tail_loc", "tail_scale", "max_elements", "_components", "log_mass"):
             setattr(new, name, getattr(self, name))
         return super().expand(batch_shape, _instance=new)
 
@@ -221,7 +226,8 @@ class HeadTailMixture(dist.MixtureSameFamily):
         step = max(1, self.max_elements // self.tail_loc.shape[0])
         tail = torch.cat([gaussian_log_density_matrix(queries[i : i + step], self.tail_loc, self.tail_scale)
                           for i in range(0, queries.shape[0], step)]).view(z.shape[0], num_points, -1)
-        return logsumexp_rows(torch.cat([head, tail], -1) + log_w, overwrite=True).reshape(shape)
+        out = logsumexp_rows(torch.cat([head, tail], -1) + log_w, overwrite=True).reshape(shape)
+        return out if self.log_mass is None else out + self.log_mass
 
 
 class SearchedHeadTail(dist.TorchDistribution):

@@ -195,10 +195,11 @@ def test_bench_exemplar_heads_compares_head_choices_against_the_exact_mixture_of
     result = vae_priors("bench", "exemplar-heads", "run", "--points", "40", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "components epoch" in result.stdout
-    for line in ("nearest of its own component", "nearest of its current mean", "nearest of z", "IVF", "vae step"):
+    for line in ("nearest of its own component", "nearest of its current mean", "nearest of z", "IVF", "vae step",
+                 "the run's estimate (", "draws around z, 256 clusters"):
         assert line in result.stdout, line
     errors = [float(part.split()[0]) for part in result.stdout.split("|err|")[1:]]
-    assert len(errors) == 10 and all(0 <= e < 100 for e in errors)
+    assert len(errors) == 13 and all(0 <= e < 100 for e in errors)
 
 
 def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):

@@ -162,30 +162,34 @@ def test_fit_records_the_scalable_priors_error_in_the_history():
     assert "prior_error" not in exact.history.columns  # nothing is estimated on the exact path
 
 
-def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str) -> None:
+def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str, clusters: int) -> None:
     with process_group(rank, world, port):
         pyro.set_rng_seed(0)
         data = _tiny_digits(train=40)
         data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
-        pair = _scalable_pair(data, exemplar_drift=drift)
+        pair = _scalable_pair(data, exemplar_drift=drift, exemplar_clusters=clusters, exemplar_cluster_draws=3)
         prior = pair.model.prior
         states, end_epoch = [], prior.end_epoch
 
+        def state() -> list[torch.Tensor]:  # with clusters, their centres too (fitted on every rank alike)
+            return [t.clone() for t in (prior._loc, prior._scale, prior._table)] + (
+                [prior._clusters.centres.clone(), prior._clusters.assign.clone()] if clusters else [])
+
         def keep_then_end_epoch():  # the state the steps left, before the epoch's renewal makes the caches equal
-            states.append([t.clone() for t in (prior._loc, prior._scale, prior._table)])
+            states.append(state())
             return end_epoch()
 
         prior.end_epoch = keep_then_end_epoch
         fit(pair, data, SVIConfig(epochs=2, batch_size=7), seed=1, progress=False)  # uneven shards: 4 + 3
-        states.append([t.clone() for t in (prior._loc, prior._scale, prior._table)])
+        states.append(state())
         torch.save(states, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="this torch build has no torch.distributed with the gloo backend")
-@pytest.mark.parametrize("drift", ["none", "affine"])
-def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path, drift):
-    spawn_gloo(_fit_and_keep_state, str(tmp_path), drift)
+@pytest.mark.parametrize("drift,clusters", [("none", 0), ("affine", 0), ("none", 4)])
+def test_two_ranks_keep_the_same_cache_and_neighbour_table(tmp_path, drift, clusters):
+    spawn_gloo(_fit_and_keep_state, str(tmp_path), drift, clusters)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for state0, state1 in zip(*ranks, strict=True):
         for a, b in zip(state0, state1, strict=True):

@@ -14,7 +14,10 @@ mixture, for heads chosen in different ways (nats per point, mean |error| and me
   nearest (what ``hops=2`` takes from an exact table);
 * the k (or 5k) nearest components of z itself (a search per sample);
 * IVF: the members of the ``probe`` clusters nearest to z, of a k-means partition of the components
-  (scikit-learn's ``KMeans``, 8 Lloyd iterations).
+  (scikit-learn's ``KMeans``, 8 Lloyd iterations);
+* the run's own estimate (its table and settings, the tail ``--tail``), and the same with ``--cluster-draws`` draws
+  per point around z from each of ``--clusters`` k-means partitions (``ExemplarPrior(clusters=C)``, fitted as
+  three renewals would fit them).
 
 It then times, per batch of 100 samples on one thread, the two searches around z (brute force over all N; IVF
 with the partition built) against a ``vae`` training step of the same nets.
@@ -62,7 +65,8 @@ def _line(label: str, error: torch.Tensor, heads: list[torch.Tensor]) -> str:
 
 
 @torch.no_grad()
-def run(run_dir: Path, points: int, tail: int, seed: int) -> None:
+def run(run_dir: Path, points: int, tail: int, seed: int, cluster_counts: tuple[int, ...] = (),
+        cluster_draws: int = 256) -> None:
     config, data = load_run(run_dir)
     pair, dataset = build_pair(config, data, "vae-exemplar")
     prior = pair.model.prior
@@ -118,7 +122,25 @@ def run(run_dir: Path, points: int, tail: int, seed: int) -> None:
         heads = [torch.cat([members[c] for c in row.tolist()]) for row in probed]
         label = f"IVF: {probe} of {clusters} clusters (k-means {built:.1f} s)"
         print(_line(label, head_tail_error(z, index, heads, comp_loc, comp_scale, exact, tail, gen), heads))
+    _own_estimate(prior, index, z, exact, tail, cluster_counts, cluster_draws, seed)
     _search_cost(config, data, x, comp_loc, partitions[min(256, len(x) // 4)], seed)
+
+
+def _own_estimate(prior, index: torch.Tensor, z: torch.Tensor, exact: torch.Tensor, tail: int,
+                  clusters: tuple[int, ...], cluster_draws: int, seed: int) -> None:
+    """The run's own estimator at its checkpoint (table as saved), without and with draws around z."""
+    prior.subset = tail
+    for count in (0, *clusters):
+        prior.clusters, prior.cluster_draws, prior._clusters, prior._centres = count, cluster_draws, None, None
+        start = time.perf_counter()
+        for renewal in range(3 if count else 0):  # warm-started as a run's renewals are
+            prior._fit_clusters(generator=torch.Generator().manual_seed(seed + renewal))
+        fitted = (time.perf_counter() - start) / 3
+        error = prior._estimated_log_prob(index, z, torch.Generator().manual_seed(seed)) - exact
+        label = f"run's estimate + {cluster_draws} draws around z, {count} clusters" if count else (
+            f"the run's estimate ({prior.neighbors}-row table, {prior.hops} hops)")
+        print(f"  {label:<38} |err| {error.abs().mean().item():6.3f}  mean {error.mean().item():7.3f}"
+              + (f"  k-means {fitted:.2f} s per renewal" if count else ""))
 
 
 def _search_cost(config, data, train_x: torch.Tensor, comp_loc: torch.Tensor, partition, seed: int,
@@ -171,9 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tail", type=int, default=512, help="uniform tail draws M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clusters", type=int, nargs="*", default=[256, 1024],
+                        help="k-means partitions to draw around z from (the run's own estimate with each)")
+    parser.add_argument("--cluster-draws", type=int, default=256, help="draws per point around z")
     args = parser.parse_args(argv)
+    if min(args.clusters, default=1) < 1 or args.cluster_draws < 1:
+        raise SystemExit(f"--clusters and --cluster-draws must be >= 1, got {args.clusters} and {args.cluster_draws}")
     set_threads(args.threads)
-    run(args.run_dir, args.points, args.tail, args.seed)
+    run(args.run_dir, args.points, args.tail, args.seed, tuple(args.clusters), args.cluster_draws)
 
 
 if __name__ == "__main__":
