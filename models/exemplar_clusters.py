@@ -8,7 +8,7 @@ cluster's mean component variance plus its members' spread around the centre, pe
 uniformly. The uniform and the clustered draws are combined by multiple importance sampling with the balance
 heuristic (Veach & Guibas 1995): each draw m weighs r_m(z) / (M_u pi_u(m) + M_c pi_c(m | z)), which is unbiased
 for the sum over the exemplars outside the head whatever the proposal, and bounded by the uniform part wherever the
-clusters miss. The weights then sum to one only on average, so the mixture carries their sum (``log_mass``).
+clusters miss. The weights then sum to one only on average, so the mixture keeps their sum (``unnormalized``).
 """
 
 from __future__ import annotations

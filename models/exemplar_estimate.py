@@ -319,7 +319,6 @@ class ScalableEstimate:
             head_logits = torch.where(dropped, -math.inf, log_share)
             size = (~dropped).sum(1, keepdim=True)
         in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        log_mass = None
         if near is None:
             log_tail = ((others - size) / others).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
             tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
@@ -327,7 +326,6 @@ class ScalableEstimate:
             z, pool_size, generator = near
             head, head_logits, tail_logits = draw_near(self._clusters, self.cluster_draws, z, generator, index, head,
                                                        head_logits, tail, in_tail, pool_size, log_share, kept)
-            log_mass = torch.cat([head_logits, tail_logits], 1).logsumexp(1)  # one only on average
         if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
             shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
@@ -335,4 +333,4 @@ class ScalableEstimate:
             head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
         return HeadTailMixture(head_logits, self._collect(head, self._current(rows(self._loc, head))),
                                head_scale, tail_logits, self._collect(tail, self._current(self._loc[tail])),
-                               tail_scale, self.max_elements, log_mass=log_mass)
+                               tail_scale, self.max_elements, unnormalized=near is not None)

@@ -167,15 +167,15 @@ class HeadTailMixture(dist.MixtureSameFamily):
     ``gaussian_log_density_matrix`` in chunks of ``max_elements`` (queries x M) entries, so no (B, k + M, D)
     tensor is formed; ``component_distribution`` (for ``mean``, ``sample``) builds it only when asked.
 
-    ``log_mass`` (B,): the log of the sum of the weights that the logits stand for, where it is not one (an
-    importance-sampled estimate, whose weights sum to one only on average): ``log_prob`` adds it, so the density
-    stays the estimate's; ``sample`` draws from the normalized mixture.
+    ``unnormalized=True``: the logits are an importance-sampled estimate's log-weights, which sum to one only on
+    average; ``log_prob`` keeps their sum (``log_mass``, (B,)), so the density stays the estimate's, where the
+    mixture's own weights would be normalized. ``sample`` draws from the normalized mixture.
     """
 
     def __init__(self, head_logits: torch.Tensor, head_loc: torch.Tensor, head_scale: torch.Tensor,
                  tail_logits: torch.Tensor, tail_loc: torch.Tensor, tail_scale: torch.Tensor,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, validate_args: bool | None = None,
-                 log_mass: torch.Tensor | None = None):
+                 unnormalized: bool = False):
         b, k, d = head_loc.shape
         if (head_logits.shape != (b, k) or head_scale.shape not in (head_loc.shape, (1, 1, d))
                 or tail_loc.dim() != 2 or tail_scale.shape != tail_loc.shape
@@ -185,9 +185,11 @@ class HeadTailMixture(dist.MixtureSameFamily):
                              f"(B, M), tail_loc and tail_scale (M, D); got {tuple(head_logits.shape)}, "
                              f"{tuple(head_loc.shape)}, {tuple(tail_logits.shape)}, {tuple(tail_loc.shape)}")
         self.head_loc, self.head_scale, self.tail_loc, self.tail_scale = head_loc, head_scale, tail_loc, tail_scale
-        self.max_elements, self._components, self.log_mass = max_elements, None, log_mass
+        self.max_elements, self._components = max_elements, None
+        logits = torch.cat([head_logits, tail_logits], -1)
+        self.log_mass = logits.logsumexp(-1) if unnormalized else None
         placeholder = head_loc.new_ones(()).expand(b, k + tail_loc.shape[0], d)  # shapes only; see below
-        super().__init__(dist.Categorical(logits=torch.cat([head_logits, tail_logits], -1)),
+        super().__init__(dist.Categorical(logits=logits),
                          dist.Normal(placeholder, placeholder, validate_args=False).to_event(1),
                          validate_args=validate_args)
 
