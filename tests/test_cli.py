@@ -211,6 +211,13 @@ def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path
     assert [line.split()[0] for line in lines] == ["vae", "vae-exemplar"] and lines[0].endswith("1.00x vae")
 
 
+def test_bench_exemplar_heads_refuses_no_clusters_or_no_draws_before_loading_a_run(tmp_path):
+    for flags, shown in ((["--clusters", "0"], "[0]"), (["--cluster-draws", "0"], "and 0")):
+        result = vae_priors("bench", "exemplar-heads", "no-such-run", *flags, cwd=tmp_path)
+        assert result.returncode != 0 and "--clusters and --cluster-draws must be >= 1" in result.stderr, flags
+        assert shown in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_bench_mixture_prior_epoch_cost_refuses_a_skip_that_leaves_no_epoch(tmp_path):
     (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR)
     result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--skip", "2",
