@@ -55,7 +55,9 @@ class ModelConfig:
     # random landmarks (0: no search)
     exemplar_clusters: int = 0  # scalable path: > 0 adds to the uniform tail draws around z from a k-means partition
     # of the cache into this many clusters (0: uniform tail only)
-    exemplar_cluster_draws: int = 256  # scalable path, clusters > 0: draws per point around z
+    exemplar_cluster_draws: int = 256  # scalable path, clusters > 0: draws per point around z (0: none; needs probe)
+    exemplar_probe: int = 0  # scalable path, clusters > 0: the head also holds every member of the this many
+    # clusters nearest to z (an inverted-file search; 0: none)
     exemplar_keep: float = 1.0  # training: each step's prior is over a random share of the exemplars (the Exemplar
     # VAE's exemplar subsampling, a regularizer); 1 = all N. Validation and evaluation always use all N
     exemplar_gradient: str = "none"  # scalable path: none (cached components pass no gradient) | deferred (each
@@ -173,10 +175,12 @@ def check(config: RunConfig) -> RunConfig:
     if not 0.0 < config.model.exemplar_keep <= 1.0:
         raise ConfigError(f"model.exemplar_keep must be in (0, 1] (the share of exemplars in each training step's "
                           f"prior; 1 keeps all), got {config.model.exemplar_keep}")
-    if config.model.exemplar_clusters < 0 or config.model.exemplar_cluster_draws < 1:
-        raise ConfigError(f"model.exemplar_clusters must be >= 0 (0: uniform tail only) and "
-                          f"model.exemplar_cluster_draws >= 1, got {config.model.exemplar_clusters} and "
-                          f"{config.model.exemplar_cluster_draws}")
+    clusters, draws, probe = (config.model.exemplar_clusters, config.model.exemplar_cluster_draws,
+                              config.model.exemplar_probe)
+    if clusters < 0 or draws < 0 or probe < 0 or (clusters and not (draws or probe)) or (probe and not clusters):
+        raise ConfigError(f"model.exemplar_clusters must be >= 0 (0: uniform tail only); with clusters > 0, "
+                          f"model.exemplar_cluster_draws >= 1 or model.exemplar_probe >= 1, and probe > 0 needs "
+                          f"clusters > 0; got clusters={clusters}, cluster_draws={draws}, probe={probe}")
     if config.model.exemplar_landmarks < 0:
         raise ConfigError(f"model.exemplar_landmarks must be >= 0 (0: no search around z), got "
                           f"{config.model.exemplar_landmarks}")

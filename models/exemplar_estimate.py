@@ -262,16 +262,19 @@ class ScalableEstimate:
             head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
         if refine and self.subset < n:  # for later visits
             merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
-        clustered = self._clusters is not None and len(tail) < len(pool)  # (a tail of the whole pool is exact)
-        if not (self.landmarks or clustered):
+        # (a tail of the whole pool is exact: no draws around z)
+        clustered = self._clusters is not None and self.cluster_draws > 0 and len(tail) < len(pool)
+        probing = self._clusters is not None and self.probe > 0
+        if not (self.landmarks or clustered or probing):
             return self._head_tail(index, head, tail, self.hops == 2, mask)
         landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator) if (
             self.landmarks) else None
 
         def build(z: torch.Tensor) -> HeadTailMixture:  # the head and tail of this z
             searched = head if landmarks is None else self._search(head, landmarks, z)
+            probed = self._clusters.members_near(z.detach(), self.probe) if probing else None
             near = (z, len(pool), generator) if clustered else None
-            return self._head_tail(index, searched, tail, self.hops == 2 or landmarks is not None, mask, near)
+            return self._head_tail(index, searched, tail, self.hops == 2 or landmarks is not None, mask, near, probed)
 
         return SearchedHeadTail(build, lambda: self._head_tail(index, head, tail, self.hops == 2, mask),
                                 index.shape[0], self._loc.shape[1])
@@ -294,12 +297,15 @@ class ScalableEstimate:
 
     def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool,
                    kept: torch.Tensor | None = None,
-                   near: tuple[torch.Tensor, int, torch.Generator | None] | None = None) -> HeadTailMixture:
+                   near: tuple[torch.Tensor, int, torch.Generator | None] | None = None,
+                   probed: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadTailMixture:
         """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
         head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does).
         ``kept``: an (N,) mask of the exemplars in the mixture (the tail draws only from them); None: all N.
         ``near`` (z, the pool's size, generator): the rest is also drawn around z from the clusters
-        (``models/exemplar_clusters.py``), each draw weighed with the tail's by the balance heuristic."""
+        (``models/exemplar_clusters.py``), each draw weighed with the tail's by the balance heuristic. ``probed``
+        (members (B, P) padded with -1, their clusters (B, t)): the head also holds every member of these clusters;
+        head entries in them are dropped, since the members list them (no sort of the wider head)."""
         n, b = self.num_exemplars, index.shape[0]
         # the exemplars besides n that the mixture is over: N - 1, or |S| less n where n is in S
         others, dropped = n - 1, None
@@ -310,6 +316,16 @@ class ScalableEstimate:
         if kept is not None:
             dropped = ~kept[head] if dropped is None else dropped | ~kept[head]
             others = (kept.sum() - kept[index].long())[:, None].to(self._loc.dtype)
+        if probed is not None:
+            members, top = probed
+            clusters = self._clusters.assign.index_select(0, head.reshape(-1)).view_as(head)
+            covered = (clusters[..., None] == top[:, None, :]).any(-1)
+            absent = (members < 0) | (members == index[:, None])
+            members = members.clamp_min(0)
+            if kept is not None:
+                absent |= ~kept[members]
+            dropped = covered if dropped is None else dropped | covered
+            head, dropped = torch.cat([head, members], 1), torch.cat([dropped, absent], 1)
         log_share = -math.log(others) if kept is None else -others.log()  # each head member's weight
         if dropped is None:
             head_logits = self._loc.new_full(head.shape, log_share)
@@ -331,6 +347,8 @@ class ScalableEstimate:
             head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
         else:
             head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
+        # the weights as estimated (unnormalized): where no tail draw falls outside the head (a head that holds most
+        # of a small pool) they sum to less than one, and normalizing them would inflate the head's share
         return HeadTailMixture(head_logits, self._collect(head, self._current(rows(self._loc, head))),
                                head_scale, tail_logits, self._collect(tail, self._current(self._loc[tail])),
-                               tail_scale, self.max_elements, unnormalized=near is not None)
+                               tail_scale, self.max_elements, unnormalized=True)

@@ -51,7 +51,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
        ``clusters`` = C > 0: the tail also takes ``cluster_draws`` draws per point around z from a k-means partition
        of the cache into C clusters, renewed with the table, weighed with the uniform draws by multiple importance
        sampling (``models/exemplar_clusters.py``): still unbiased given the cache, and late in a long run the
-       mass near z that the head misses is drawn where a uniform tail rarely reaches it;
+       mass near z that the head misses is drawn where a uniform tail rarely reaches it. ``probe`` = t > 0: the
+       head also holds every member of the t clusters whose centres are nearest to z (an inverted-file search;
+       given z the head is fixed, as with landmarks), with or without the draws (``cluster_draws`` = 0);
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -101,7 +103,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
                  sweeps: int = 1, landmarks: int = 0, keep: float = 1.0, gradient: str = "none", clusters: int = 0,
-                 cluster_draws: int = 256):
+                 cluster_draws: int = 256, probe: int = 0):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -123,10 +125,11 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         if landmarks < 0 or (landmarks and drift != "none"):
             raise ValueError(f"exemplar landmarks must be >= 0 (0: no search around z) and need drift=\"none\", got "
                              f"{landmarks} with drift={drift!r}")
-        if clusters < 0 or cluster_draws < 1 or (clusters and drift != "none"):
-            raise ValueError(f"exemplar clusters must be >= 0 (0: a uniform tail only) with cluster_draws >= 1, and "
-                             f"need drift=\"none\"; got clusters={clusters}, cluster_draws={cluster_draws}, "
-                             f"drift={drift!r}")
+        if clusters < 0 or cluster_draws < 0 or probe < 0 or (clusters and drift != "none") or (
+                clusters and not (cluster_draws or probe)) or (probe and not clusters):
+            raise ValueError(f"exemplar clusters must be >= 0 (0: a uniform tail only), and clusters > 0 needs "
+                             f"drift=\"none\" and cluster_draws >= 1 or probe >= 1 (probe > 0 needs clusters > 0); got "
+                             f"clusters={clusters}, cluster_draws={cluster_draws}, probe={probe}, drift={drift!r}")
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"exemplar keep must be in (0, 1] (the share of exemplars in each training step's prior; "
                              f"1: all), got {keep}")
@@ -155,6 +158,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._seen = self._sweeps = 0
         self.landmarks = min(landmarks, n)
         self.clusters, self.cluster_draws, self._clusters, self._centres = min(clusters, n), cluster_draws, None, None
+        self.probe = probe
         self.kept_size = max(2, math.ceil(keep * n))  # >= 2, so that every n keeps another exemplar
         self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step

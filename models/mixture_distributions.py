@@ -157,6 +157,32 @@ class GaussianMixture(dist.MixtureSameFamily):
             return torch.normal(self.loc[k], self.scale[k])
 
 
+class _SquaredDistances(torch.autograd.Function):
+    """|z_sb - loc_bk|^2 ((S, B, k)) for queries z (S, B, D) and per-point components loc (B, k, D), by the
+    expansion |z|^2 - 2 z.loc + |loc|^2: one batched product forward and two backward, where autograd through
+    the expansion spends three passes over the (B, k, D) tensor on the squares and their sums."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        zb = z.transpose(0, 1)  # (B, S, D)
+        ctx.save_for_backward(zb, loc)
+        cross = torch.baddbmm(loc.pow(2).sum(-1)[:, None, :], zb, loc.transpose(1, 2), alpha=-2)  # (B, S, k)
+        return (cross + zb.pow(2).sum(-1, keepdim=True)).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        zb, loc = ctx.saved_tensors
+        g = grad.transpose(0, 1)  # (B, S, k)
+        grad_z = grad_loc = None
+        if ctx.needs_input_grad[0]:  # d/dz = 2 sum_k g (z - loc_k)
+            grad_z = (2 * (zb * g.sum(-1, keepdim=True) - torch.bmm(g, loc))).transpose(0, 1)
+        if ctx.needs_input_grad[1] and zb.shape[1] == 1:  # d/dloc_k = 2 sum_s g (loc_k - z_s): two passes
+            grad_loc = (loc - zb).mul_(2 * g.transpose(1, 2))
+        elif ctx.needs_input_grad[1]:
+            grad_loc = 2 * (loc * g.sum(1)[..., None] - torch.bmm(g.transpose(1, 2), zb))
+        return grad_z, grad_loc
+
+
 class HeadTailMixture(dist.MixtureSameFamily):
     """Per-point mixture of k local components and M components shared by the batch (event shape (D,)):
     sum_j softmax(l_b)_j N(z; head_loc_bj, diag head_scale_bj^2) + sum_m softmax(l_b)_{k+m} N(z; tail_loc_m, ...),
@@ -217,7 +243,9 @@ class HeadTailMixture(dist.MixtureSameFamily):
             raise ValueError(f"value of shape {tuple(value.shape)} does not end with the batch size {num_points}")
         z = value.expand(shape + value.shape[-1:]).reshape(-1, num_points, d)  # (S, B, D)
         log_w = self.mixture_distribution.logits.reshape(-1, num_points, k + self.tail_loc.shape[0])[0]
-        if self.head_scale.shape[:2] == (1, 1):  # one scale for the whole head: the quadratic form by bmm
+        if self.head_scale.shape[:2] == (1, 1) and self.head_scale.stride(-1) == 0:  # one isotropic scale
+            squares = _SquaredDistances.apply(z, self.head_loc) * self.head_scale[0, 0, 0].pow(-2)
+        elif self.head_scale.shape[:2] == (1, 1):  # one scale for the whole head: the quadratic form by bmm
             precision = self.head_scale[0, 0].pow(-2)  # (D,)
             cross = torch.bmm(self.head_loc, (z * precision).permute(1, 2, 0)).permute(2, 0, 1)  # (S, B, k)
             squares = (z.pow(2) @ precision)[..., None] - 2 * cross + self.head_loc.pow(2) @ precision

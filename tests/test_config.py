@@ -56,7 +56,8 @@ def test_wrong_types_are_errors(tmp_path, text, message):
     ({"model": {"hybrid_alpha": 1.5}}, r"model.hybrid_alpha must be in \[0, 1\]"),
     ({"svi": {"warmup_epochs": -1}}, "svi.warmup_epochs must be >= 0"),
     ({"model": {"exemplar_clusters": -1}}, "model.exemplar_clusters must be >= 0"),
-    ({"model": {"exemplar_clusters": 8, "exemplar_cluster_draws": 0}}, "exemplar_cluster_draws >= 1, got 8 and 0"),
+    ({"model": {"exemplar_clusters": 8, "exemplar_cluster_draws": 0}}, "got clusters=8, cluster_draws=0, probe=0"),
+    ({"model": {"exemplar_probe": 2}}, "probe > 0 needs clusters > 0"),
     ({"data": {"likelihood": "gaussian"}}, "data.likelihood = 'gaussian' with data.binarize = 'static' would fit a "
                                            "Gaussian to 0/1 pixels; set data.binarize = 'none'"),
 ])

@@ -167,7 +167,8 @@ def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str, 
         pyro.set_rng_seed(0)
         data = _tiny_digits(train=40)
         data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
-        pair = _scalable_pair(data, exemplar_drift=drift, exemplar_clusters=clusters, exemplar_cluster_draws=3)
+        pair = _scalable_pair(data, exemplar_drift=drift, exemplar_clusters=clusters, exemplar_cluster_draws=3,
+                              exemplar_probe=1 if clusters else 0)  # with clusters: draws and a probe
         prior = pair.model.prior
         states, end_epoch = [], prior.end_epoch
 
@@ -459,7 +460,8 @@ def test_a_searched_estimate_is_unbiased_in_density_over_the_tail_draws():
                              for _ in range(4000)])
     exact = brute_force_mixture(z, _loo_logits(index, 40), x, torch.full((40, 2), 0.3)).exp()
     standard_error = densities.std(0) / math.sqrt(len(densities))
-    assert ((densities.mean(0) - exact).abs() < 4 * standard_error).all(), (densities.mean(0), exact, standard_error)
+    bound = 4 * standard_error + 1e-5 * exact  # (float32 rounding where the head holds almost all of the mass)
+    assert ((densities.mean(0) - exact).abs() < bound).all(), (densities.mean(0), exact, standard_error)
     assert (standard_error > 0).all()
 
 

@@ -114,6 +114,39 @@ def test_head_tail_mixture_log_prob_equals_float64_brute_force_over_per_point_co
     assert mixture.sample((7,)).shape == (7, b, d)
 
 
+@pytest.mark.parametrize("samples", [1, 3])  # one z per point (a training step), or several
+def test_head_tail_mixture_with_one_isotropic_head_scale_has_the_brute_force_density_and_gradients(samples):
+    """The exemplar prior's shared scale (an expanded scalar): the head's squared distances by a custom autograd
+    function. Its log-density and its gradients with respect to z, the head's locations and the scale equal
+    those of the explicit Gaussian formula in float64."""
+    gen = torch.Generator().manual_seed(4)
+    b, k, m, d = 3, 4, 5, 3
+    head_logits, tail_logits = torch.randn(b, k, generator=gen).double(), torch.randn(b, m, generator=gen).double()
+    head_loc = (2 * torch.randn(b, k, d, generator=gen)).double().requires_grad_()
+    tail_loc = 2 * torch.randn(m, d, generator=gen).double()
+    raw = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    z = (2 * torch.randn(samples, b, d, generator=gen)).double().requires_grad_()
+
+    def explicit() -> torch.Tensor:
+        s = raw.exp()
+        log_w = torch.cat([head_logits, tail_logits], -1).log_softmax(-1)
+        locs = torch.cat([head_loc, tail_loc.expand(b, -1, -1)], 1)  # (b, k + m, d)
+        dens = -0.5 * ((z[:, :, None] - locs) / s).pow(2).sum(-1) - d * s.log() - 0.5 * d * math.log(2 * math.pi)
+        return (dens + log_w).logsumexp(-1)
+
+    def fused() -> torch.Tensor:
+        s = raw.exp()
+        mixture = HeadTailMixture(head_logits, head_loc, s.expand(1, 1, d), tail_logits, tail_loc, s.expand(m, d))
+        return mixture.log_prob(z)
+
+    outputs = {}
+    for name, function in (("explicit", explicit), ("fused", fused)):
+        value = function()
+        outputs[name] = (value, *torch.autograd.grad((value * torch.arange(1.0, b + 1)).sum(), (z, head_loc, raw)))
+    for want, got in zip(outputs["explicit"], outputs["fused"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
 def test_scalable_tail_mask_drops_exactly_the_point_and_its_head():
     tail = torch.tensor([0, 2, 2, 5, 7, 7, 9])
     excluded = torch.tensor([[2, 9], [7, 1], [3, 4]])
