@@ -89,7 +89,7 @@ def test_the_proposals_draws_follow_its_stated_probabilities():
     assert ((counts - stated.double()).abs() <= 5 * standard_error + 1e-9).all()
 
 
-AROUND_Z = [{"cluster_draws": 5}, {"cluster_draws": 0, "probe": 1}, {"cluster_draws": 5, "probe": 1}]
+AROUND_Z = [{"cluster_draws": 5}, {"cluster_draws": 0, "probe": 1, "clusters": 12}, {"cluster_draws": 5, "probe": 1}]
 
 
 def _clustered_prior(n: int, subset: int, keep: float = 1.0, clusters: int = 6, **around_z: int
@@ -146,9 +146,9 @@ def test_draws_or_probes_around_z_bring_the_estimate_closer_where_the_head_misse
     z = x[torch.randperm(2000)[:200]] + 0.3 * torch.randn(200, 2)
     errors = {}
     for clusters in (0, 40):
-        settings = {"cluster_draws": 16, **around_z} if clusters else {}
+        settings = {"cluster_draws": 16, **around_z, "clusters": clusters} if clusters else {}
         prior = ExemplarPrior(LinearEncoder(2, 0.3), x, path="scalable", neighbors=3, subset=16,
-                              components="epoch", hops=2, sweeps=8, clusters=clusters, **settings).train()
+                              components="epoch", hops=2, sweeps=8, **settings).train()
         prior(index)
         estimate = prior._estimated_log_prob(index, z, torch.Generator().manual_seed(2))
         exact = brute_force_mixture(z, _loo_logits(index, 2000), x, torch.full((2000, 2), 0.3))
