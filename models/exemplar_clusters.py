@@ -9,6 +9,8 @@ uniformly. The uniform and the clustered draws are combined by multiple importan
 heuristic (Veach & Guibas 1995): each draw m weighs r_m(z) / (M_u pi_u(m) + M_c pi_c(m | z)), which is unbiased
 for the sum over the exemplars outside the head whatever the proposal, and bounded by the uniform part wherever the
 clusters miss. The weights then sum to one only on average, so the mixture keeps their sum (``unnormalized``).
+``Clusters.members_near`` serves ``ExemplarPrior(probe=t)`` instead: every member of the t clusters nearest to z,
+scored exactly in the head (an inverted-file search).
 """
 
 from __future__ import annotations
