@@ -58,6 +58,8 @@ class ModelConfig:
     exemplar_cluster_draws: int = 256  # scalable path, clusters > 0: draws per point around z (0: none; needs probe)
     exemplar_probe: int = 0  # scalable path, clusters > 0: the head also holds every member of the this many
     # clusters nearest to z (an inverted-file search; 0: none)
+    exemplar_nearest: int = 0  # scalable path: > 0 scores exactly only this many of the head's candidates nearest to
+    # z, the rest left to the tail (0: all of them)
     exemplar_keep: float = 1.0  # training: each step's prior is over a random share of the exemplars (the Exemplar
     # VAE's exemplar subsampling, a regularizer); 1 = all N. Validation and evaluation always use all N
     exemplar_gradient: str = "none"  # scalable path: none (cached components pass no gradient) | deferred (each
@@ -181,6 +183,10 @@ def check(config: RunConfig) -> RunConfig:
         raise ConfigError(f"model.exemplar_clusters must be >= 0 (0: uniform tail only); with clusters > 0, "
                           f"model.exemplar_cluster_draws >= 1 or model.exemplar_probe >= 1, and probe > 0 needs "
                           f"clusters > 0; got clusters={clusters}, cluster_draws={draws}, probe={probe}")
+    if config.model.exemplar_nearest < 0 or (config.model.exemplar_nearest and config.model.exemplar_drift != "none"):
+        raise ConfigError(f"model.exemplar_nearest must be >= 0 (0: the whole head scored exactly) and needs "
+                          f"model.exemplar_drift = 'none'; got {config.model.exemplar_nearest} with drift "
+                          f"{config.model.exemplar_drift!r}")
     if config.model.exemplar_landmarks < 0:
         raise ConfigError(f"model.exemplar_landmarks must be >= 0 (0: no search around z), got "
                           f"{config.model.exemplar_landmarks}")

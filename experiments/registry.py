@@ -171,7 +171,7 @@ def vae_exemplar(data: Dataset, cfg: ModelConfig, likelihood: str) -> Pair:
                           hops=cfg.exemplar_hops, sweeps=cfg.exemplar_sweeps,
                           landmarks=cfg.exemplar_landmarks, keep=cfg.exemplar_keep,
                           clusters=cfg.exemplar_clusters, cluster_draws=cfg.exemplar_cluster_draws,
-                          probe=cfg.exemplar_probe,
+                          probe=cfg.exemplar_probe, nearest=cfg.exemplar_nearest,
                           # the exact path encodes its components with gradients: nothing to defer
                           gradient=cfg.exemplar_gradient if path == "scalable" else "none")
     return _vae(data, cfg, likelihood, prior, guide)

@@ -35,6 +35,8 @@ class Clusters:
     sizes: torch.Tensor
     log_size: torch.Tensor
     variance: torch.Tensor
+    sorted_loc: torch.Tensor | None = None  # the components' means in ``order``: each cluster's rows together
+    sorted_sq_norm: torch.Tensor | None = None
 
     def log_weights(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C): log w_c(z), the normalized log-probability of each cluster for each z (B, D)."""
@@ -63,6 +65,24 @@ class Clusters:
         position = self.starts[top].gather(1, which) + slot - (ends - size).gather(1, which)
         inside = slot < ends[:, -1:]
         return torch.where(inside, self.order[position.where(inside, 0)], -1), top
+
+    def nearest_members(self, z: torch.Tensor, probes: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``members_near`` as a ragged list: (row (L,), id (L,), |loc|^2 - 2 z.loc (L,)) for every member of the
+        ``probes`` clusters nearest to each z (B, D), so no row is padded to the longest (on a trained encoder z
+        falls in the large clusters: probed rows hold 220 members at the median and 800 at most). Each cluster's
+        means are read as one run of ``sorted_loc``, about 4x faster than gathering rows scattered over N. Also
+        returns the (B, probes) clusters."""
+        distance = torch.addmm(self.centres.pow(2).sum(1), z, self.centres.T, alpha=-2)
+        top = distance.topk(min(probes, self.centres.shape[0]), 1, largest=False, sorted=False).indices  # (B, t)
+        flat = top.flatten()  # (index_select throughout: several times faster than advanced indexing here)
+        size = self.sizes.index_select(0, flat)
+        run = torch.repeat_interleave(torch.arange(size.shape[0], device=z.device), size)  # each member's (b, cluster)
+        shift = (self.starts.index_select(0, flat) - size.cumsum(0) + size).index_select(0, run)
+        position = shift + torch.arange(run.shape[0], device=z.device)
+        row = run.div(top.shape[1], rounding_mode="floor")
+        dot = (self.sorted_loc.index_select(0, position) * z.index_select(0, row)).sum(-1)
+        return row, self.order.index_select(0, position), self.sorted_sq_norm.index_select(0, position) - 2 * dot, top
 
     def log_prob(self, log_w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """log pi_c(m | z) for ids (B, M) under the proposal of each row of ``log_w`` (B, C)."""
@@ -96,7 +116,9 @@ def fit_clusters(loc: torch.Tensor, variance: torch.Tensor, count: int, generato
     order = torch.argsort(assign, stable=True)
     starts = sizes.cumsum(0) - sizes
     log_size = torch.where(sizes > 0, sizes.to(loc.dtype).log(), -math.inf)
-    return Clusters(centres, assign, order, starts, sizes, log_size, mean_spread.clamp_min(1e-6))
+    sorted_loc = loc[order]
+    return Clusters(centres, assign, order, starts, sizes, log_size, mean_spread.clamp_min(1e-6), sorted_loc,
+                    sorted_loc.pow(2).sum(1))
 
 
 def _relocate_empty(loc: torch.Tensor, centres: torch.Tensor, assign: torch.Tensor, empty: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """The scalable exemplar prior's machinery (``ExemplarPrior(path="scalable")``, ``models/exemplar_prior.py``):
 the cache of encodings and how training steps write into it (``drift="affine"`` included), the neighbour table's
-renewal, the head/tail estimate of the leave-one-out mixture (with the search around z of ``landmarks`` and the
-subset of ``keep``), the deferred gradient of the cached components (``gradient="deferred"``), the state a
-checkpoint carries, and the all-gather that keeps every rank's cache and table equal under torch.distributed.
+renewal and the clusters', the deferred gradient of the cached components (``gradient="deferred"``), the state a
+checkpoint carries, and the all-gather that keeps every rank's cache and table equal under torch.distributed. The
+per-step head/tail estimate itself is ``models/exemplar_head_tail.py``.
 
 A mixin: it reads the prior's settings and state (``num_exemplars``, ``neighbors``, ``subset``, ``hops``, ``_loc``,
 ``_table``, ...), which ``ExemplarPrior.__init__`` sets; the class docstring there describes the estimate.
@@ -16,28 +16,16 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from vae_priors.models.exemplar_clusters import draw_near, fit_clusters
-from vae_priors.models.mixture_distributions import HeadTailMixture, SearchedHeadTail
-from vae_priors.models.neighbor_table import merge, not_in, random_table, rows, sweep
+from vae_priors.models.exemplar_clusters import fit_clusters
+from vae_priors.models.exemplar_head_tail import HeadTailEstimate
+from vae_priors.models.neighbor_table import random_table, sweep
 
 SWEEP_POOL = 256  # random candidates per chunk of a table sweep
 SETTLED = 0.1  # a sweep that renews less than this share of the table's entries ends the renewal's sweeps
 CLUSTER_ITERATIONS = 3  # Lloyd iterations per renewal, each started from the last renewal's centres
 
 
-def compact(head: torch.Tensor, dropped: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of ``head`` (B, H) with its members (not ``dropped``) first, in order, cut at the fullest row:
-    (B, W) ids and their dropped mask, the padding set to ``fill`` (B,), an id the caller excludes anyway. Less to
-    score and to backpropagate than the full width; a scatter, where a stable sort of the mask costs more."""
-    member = ~dropped
-    count = member.sum(1, keepdim=True)
-    width = max(1, int(count.max()))
-    slot = torch.where(member, member.cumsum(1) - 1, width)  # dropped entries all land in a spare last column
-    out = fill[:, None].expand(-1, width + 1).clone().scatter_(1, slot, head)
-    return out[:, :width], torch.arange(width, device=head.device) >= count
-
-
-class ScalableEstimate:
+class ScalableEstimate(HeadTailEstimate):
     """The scalable path of ``ExemplarPrior``: cache, table and the per-step head/tail estimate."""
 
     def get_extra_state(self) -> dict:
@@ -227,128 +215,3 @@ class ScalableEstimate:
         variance = self._component_scale(self._scale).pow(2)
         self._clusters = fit_clusters(self._loc, variance, self.clusters, generator, self._centres, iterations)
         self._centres = self._clusters.centres
-
-    @torch.no_grad()
-    def estimate_error(self, index: torch.Tensor, z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per training point ``index``: the training estimate of log p(z | not n) from the cache and table minus
-        the exact leave-one-out value from the encodings ``loc``, ``scale`` (the table is not refined)."""
-        return self._estimated_log_prob(index, z, generator) - self._exact_log_prob(index, z, loc, scale)
-
-    def _estimated_log_prob(self, index: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None
-                            ) -> torch.Tensor:
-        """The training estimate of log p(z | not n), in chunks of 64 points (the table is not refined)."""
-        return torch.cat([self._estimate(part, refine=False, generator=generator).log_prob(at)
-                          for part, at in zip(index.split(64), z.split(64), strict=True)])
-
-    def _estimate(self, index: torch.Tensor, refine: bool, generator: torch.Generator | None = None,
-                  kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadTailMixture | SearchedHeadTail:
-        """The head/tail estimate of the leave-one-out mixture for training points ``index``, from the cache; with
-        ``landmarks`` a ``SearchedHeadTail``, whose head also holds what a search around z finds. ``kept`` (its
-        ids, (N,) mask) restricts the mixture to a subset S of the exemplars: head members outside S are dropped
-        and the tail draws from S."""
-        n = self.num_exemplars
-        pool = torch.arange(n, device=index.device) if kept is None else kept[0]
-        # tail: M i.i.d. uniform draws from the pool; those equal to n or in head_n are dropped, so the kept ones are
-        # i.i.d. uniform over the pool's other exemplars and their mean is unbiased for the tail's mean density
-        if self.subset >= len(pool):
-            tail = pool  # every exemplar: exact given the cache
-        else:
-            tail = pool[torch.randint(0, len(pool), (self.subset,), device=index.device, generator=generator)]
-        tail = tail.sort().values
-        mask = None if kept is None else kept[1]
-        head = self._table[index]  # (B, k), fixed before this step's draws
-        if self.hops == 2:  # the rows and their rows: (B, k + k^2)
-            head = torch.cat([head, rows(self._table, head).flatten(1)], 1)
-        if refine and self.subset < n:  # for later visits
-            merge(self._table, index, self._table[index], tail, self._loc, self._sq_norm)
-        # (a tail of the whole pool is exact: no draws around z)
-        clustered = self._clusters is not None and self.cluster_draws > 0 and len(tail) < len(pool)
-        probing = self._clusters is not None and self.probe > 0
-        if not (self.landmarks or clustered or probing):
-            return self._head_tail(index, head, tail, self.hops == 2, mask)
-        landmarks = torch.randint(0, n, (self.landmarks,), device=index.device, generator=generator) if (
-            self.landmarks) else None
-
-        def build(z: torch.Tensor) -> HeadTailMixture:  # the head and tail of this z
-            searched = head if landmarks is None else self._search(head, landmarks, z)
-            probed = self._clusters.members_near(z.detach(), self.probe) if probing else None
-            near = (z, len(pool), generator) if clustered else None
-            return self._head_tail(index, searched, tail, self.hops == 2 or landmarks is not None, mask, near, probed)
-
-        return SearchedHeadTail(build, lambda: self._head_tail(index, head, tail, self.hops == 2, mask),
-                                index.shape[0], self._loc.shape[1])
-
-    @torch.no_grad()
-    def _search(self, head: torch.Tensor, landmarks: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``head`` (B, H) and what a greedy search of the table finds around each z (B, D): entered at the 3
-        of the ``landmarks`` nearest to z, then twice the rows of the k found so far that are nearest to z. The
-        table's graph is clustered, and z ~ q(z|x_n) often lies nearer to exemplars outside n's neighbourhood
-        (BENCHMARKS.md section 2)."""
-        loc = self._loc
-        near = (self._sq_norm[landmarks] - 2 * z @ loc[landmarks].T).topk(3, 1, largest=False).indices
-        entry = landmarks[near]
-        found = torch.cat([entry, rows(self._table, entry).flatten(1)], 1)
-        for _ in range(2):
-            d2 = (rows(loc, found) - z[:, None]).pow(2).sum(-1)
-            nearest = found.gather(1, d2.topk(min(self.neighbors, found.shape[1]), 1, largest=False).indices)
-            found = torch.cat([found, rows(self._table, nearest).flatten(1)], 1)
-        return torch.cat([head, found], 1)
-
-    def _head_tail(self, index: torch.Tensor, head: torch.Tensor, tail: torch.Tensor, distinct: bool,
-                   kept: torch.Tensor | None = None,
-                   near: tuple[torch.Tensor, int, torch.Generator | None] | None = None,
-                   probed: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadTailMixture:
-        """The mixture of ``head`` (B, H) exactly and the sorted ``tail`` draws for the rest. ``distinct``: the
-        head may repeat exemplars or hold n itself, so each is counted once and n dropped (a table row never does).
-        ``kept``: an (N,) mask of the exemplars in the mixture (the tail draws only from them); None: all N.
-        ``near`` (z, the pool's size, generator): the rest is also drawn around z from the clusters
-        (``models/exemplar_clusters.py``), each draw weighed with the tail's by the balance heuristic. ``probed``
-        (members (B, P) padded with -1, their clusters (B, t)): the head also holds every member of these clusters;
-        head entries in them are dropped, since the members list them (no sort of the wider head)."""
-        n, b = self.num_exemplars, index.shape[0]
-        # the exemplars besides n that the mixture is over: N - 1, or |S| less n where n is in S
-        others, dropped = n - 1, None
-        if distinct:
-            head = head.sort(1).values
-            repeated = torch.cat([torch.zeros_like(head[:, :1], dtype=torch.bool), head[:, 1:] == head[:, :-1]], 1)
-            dropped = repeated | (head == index[:, None])
-        if kept is not None:
-            dropped = ~kept[head] if dropped is None else dropped | ~kept[head]
-            others = (kept.sum() - kept[index].long())[:, None].to(self._loc.dtype)
-        if probed is not None:
-            members, top = probed
-            clusters = self._clusters.assign.index_select(0, head.reshape(-1)).view_as(head)
-            covered = (clusters[..., None] == top[:, None, :]).any(-1)
-            absent = (members < 0) | (members == index[:, None])
-            members = members.clamp_min(0)
-            if kept is not None:
-                absent |= ~kept[members]
-            dropped = covered if dropped is None else dropped | covered
-            head, dropped = torch.cat([head, members], 1), torch.cat([dropped, absent], 1)
-        log_share = -math.log(others) if kept is None else -others.log()  # each head member's weight
-        if dropped is None:
-            head_logits = self._loc.new_full(head.shape, log_share)
-            size = torch.full((b, 1), head.shape[1], device=index.device)
-        else:  # a 2-hop head of 110 holds ~60 distinct members (77-95 at most in a batch of 100): score only those
-            head, dropped = compact(head, dropped, index)
-            head_logits = torch.where(dropped, -math.inf, log_share)
-            size = (~dropped).sum(1, keepdim=True)
-        in_tail = not_in(tail, torch.cat([index[:, None], head], 1), n)
-        if near is None:
-            log_tail = ((others - size) / others).log() - in_tail.sum(1, keepdim=True).clamp_min(1).log()
-            tail_logits = torch.where(in_tail, log_tail.to(self._loc.dtype), -math.inf)
-        else:
-            z, pool_size, generator = near
-            head, head_logits, tail_logits = draw_near(self._clusters, self.cluster_draws, z, generator, index, head,
-                                                       head_logits, tail, in_tail, pool_size, log_share, kept)
-        if self.variance == "shared":  # s broadcast, never indexed out of an (N, D) tensor: that backward costs
-            shared = self._component_scale(self._scale[:1])  # an (N, D) scatter per step
-            head_scale, tail_scale = shared.view(1, 1, -1), shared.expand(len(tail), -1)
-        else:
-            head_scale, tail_scale = rows(self._scale, head), self._scale[tail]
-        # the weights as estimated (unnormalized): where no tail draw falls outside the head (a head that holds most
-        # of a small pool) they sum to less than one, and normalizing them would inflate the head's share
-        return HeadTailMixture(head_logits, self._collect(head, self._current(rows(self._loc, head))),
-                               head_scale, tail_logits, self._collect(tail, self._current(self._loc[tail])),
-                               tail_scale, self.max_elements, unnormalized=True)

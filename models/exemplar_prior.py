@@ -2,7 +2,8 @@
 
 Exact in small data sets; at MNIST size a cached estimate that follows the exact leave-one-out mixture, and
 reports how closely it did (``end_epoch``) into ``history.csv``. The estimate's machinery (cache, neighbour table,
-head and tail, sharing under torch.distributed) is in ``models/exemplar_estimate.py``.
+sharing under torch.distributed) is in ``models/exemplar_estimate.py``, its head and tail in
+``models/exemplar_head_tail.py``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
        sampling (``models/exemplar_clusters.py``): still unbiased given the cache, and late in a long run the
        mass near z that the head misses is drawn where a uniform tail rarely reaches it. ``probe`` = t > 0: the
        head also holds every member of the t clusters whose centres are nearest to z (an inverted-file search;
-       given z the head is fixed, as with landmarks), with or without the draws (``cluster_draws`` = 0);
+       given z the head is fixed, as with landmarks), with or without the draws (``cluster_draws`` = 0).
+       ``nearest`` = K > 0: of all these candidates only the K nearest to z are scored exactly (ranked without
+       gradients); the rest join the tail's pool. A choice fixed by z, so step 3 still holds;
     3. the step's mixture for point n (a ``HeadTailMixture``) is  sum_{m in head_n} 1/(N-1) r_m(z)
        + (N-1-|head_n|)/(N-1) * 1/|S_n| sum_{m in S_n} r_m(z),  with S = M i.i.d. uniform draws from 1..N shared by
        the batch and S_n = the draws not equal to n nor in head_n: given |S_n|, those are i.i.d. uniform over
@@ -103,7 +106,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
                  max_elements: int = DEFAULT_MAX_ELEMENTS, refine: bool = True, track_points: int = 256,
                  drift: str = "none", drift_batches: int = 3, components: str = "current", hops: int = 1,
                  sweeps: int = 1, landmarks: int = 0, keep: float = 1.0, gradient: str = "none", clusters: int = 0,
-                 cluster_draws: int = 256, probe: int = 0):
+                 cluster_draws: int = 256, probe: int = 0, nearest: int = 0):
         super().__init__(guide, max_elements)
         n = train_x.shape[0]
         if variance not in ("encoder", "shared"):
@@ -130,6 +133,9 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
             raise ValueError(f"exemplar clusters must be >= 0 (0: a uniform tail only), and clusters > 0 needs "
                              f"drift=\"none\" and cluster_draws >= 1 or probe >= 1 (probe > 0 needs clusters > 0); got "
                              f"clusters={clusters}, cluster_draws={cluster_draws}, probe={probe}, drift={drift!r}")
+        if nearest < 0 or (nearest and drift != "none"):
+            raise ValueError(f"exemplar nearest must be >= 0 (0: the whole head scored exactly) and needs "
+                             f"drift=\"none\", got {nearest} with drift={drift!r}")
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"exemplar keep must be in (0, 1] (the share of exemplars in each training step's prior; "
                              f"1: all), got {keep}")
@@ -158,7 +164,7 @@ class ExemplarPrior(ScalableEstimate, _MixtureOfPosteriors):
         self._seen = self._sweeps = 0
         self.landmarks = min(landmarks, n)
         self.clusters, self.cluster_draws, self._clusters, self._centres = min(clusters, n), cluster_draws, None, None
-        self.probe = probe
+        self.probe, self.nearest = probe, nearest
         self.kept_size = max(2, math.ceil(keep * n))  # >= 2, so that every n keeps another exemplar
         self.sweeps, self._swept = sweeps, (0, math.nan)  # (sweeps, share of new entries in the last) at the renewal
         self._due = True  # epoch components: renew them before the next training step

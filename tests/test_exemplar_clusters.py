@@ -89,15 +89,17 @@ def test_the_proposals_draws_follow_its_stated_probabilities():
     assert ((counts - stated.double()).abs() <= 5 * standard_error + 1e-9).all()
 
 
-AROUND_Z = [{"cluster_draws": 5}, {"cluster_draws": 0, "probe": 1, "clusters": 12}, {"cluster_draws": 5, "probe": 1}]
+AROUND_Z = [{"cluster_draws": 5}, {"cluster_draws": 0, "probe": 1, "clusters": 12}, {"cluster_draws": 5, "probe": 1},
+            {"cluster_draws": 0, "probe": 2, "clusters": 12, "nearest": 2, "spread": 1.0},
+            {"clusters": 0, "nearest": 2, "spread": 1.0}]  # (wider components: a 2-point head leaves mass to the tail)
 
 
-def _clustered_prior(n: int, subset: int, keep: float = 1.0, clusters: int = 6, **around_z: int
-                     ) -> tuple[ExemplarPrior, torch.Tensor]:
+def _clustered_prior(n: int, subset: int, keep: float = 1.0, clusters: int = 6, spread: float = 0.3,
+                     **around_z: int) -> tuple[ExemplarPrior, torch.Tensor]:
     torch.manual_seed(0)
     x = 3 * torch.randn(n, 2)
     around_z = around_z or {"cluster_draws": 5}
-    prior = ExemplarPrior(LinearEncoder(2, 0.3), x, path="scalable", neighbors=3, subset=subset, components="epoch",
+    prior = ExemplarPrior(LinearEncoder(2, spread), x, path="scalable", neighbors=3, subset=subset, components="epoch",
                           hops=2, sweeps=8, keep=keep, clusters=clusters, **around_z).train()
     return prior, x
 
@@ -118,7 +120,7 @@ def test_with_draws_or_probes_around_z_the_estimate_is_unbiased_in_density(keep,
     densities = torch.stack([prior._estimate(index, False, generator, kept).log_prob(z).double().exp()
                              for _ in range(4000)])
     logits = _loo_logits(index, 40) if kept is None else _subset_logits(index, kept[1])
-    exact = brute_force_mixture(z, logits, x, torch.full((40, 2), 0.3)).exp()
+    exact = brute_force_mixture(z, logits, x, torch.full((40, 2), around_z.get("spread", 0.3))).exp()
     standard_error = densities.std(0) / math.sqrt(len(densities))
     # (float32 rounding where the head holds almost all of the mass and the draws barely vary)
     bound = 4 * standard_error + 1e-5 * exact
@@ -131,7 +133,7 @@ def test_with_the_tail_over_all_n_the_clusters_are_not_drawn_and_the_estimate_is
     prior, x = _clustered_prior(30, 30, **around_z)
     index = torch.tensor([0, 11, 29])
     z = 3 * torch.randn(3, 2)
-    exact = brute_force_mixture(z, _loo_logits(index, 30), x, torch.full((30, 2), 0.3))
+    exact = brute_force_mixture(z, _loo_logits(index, 30), x, torch.full((30, 2), around_z.get("spread", 0.3)))
     torch.testing.assert_close(prior(index).log_prob(z).double(), exact, atol=1e-5, rtol=1e-5)
 
 
@@ -174,11 +176,38 @@ def test_a_checkpoint_keeps_the_centres_and_a_loaded_prior_draws_the_same_estima
     torch.testing.assert_close(*estimates)
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_nearest_keeps_in_the_head_the_candidates_nearest_to_z_and_leaves_out_n_repeats_and_the_unkept(keep):
+    """``nearest`` = 3 of 2-hop heads (with repeats) and the members of 2 clusters: each row keeps the 3 candidates
+    nearest to z by brute force among those that are not n and are in the step's subset, each once."""
+    prior, x = _clustered_prior(60, 8, keep, cluster_draws=0, probe=2, clusters=12, nearest=3)
+    index = torch.tensor([3, 17, 30, 44])
+    prior(index)
+    kept = prior._draw_kept()
+    mask = None if kept is None else kept[1]
+    z = x[index] + 0.5 * torch.randn(4, 2)
+    head = torch.cat([prior._table[index], prior._table[prior._table[index]].flatten(1)], 1)
+    members, _ = prior._clusters.members_near(z, 2)
+    chosen, dropped = prior._ranked_head(index, head, True, z, mask)
+    for row, n in enumerate(index.tolist()):
+        pool = set(head[row].tolist()) | set(members[row].tolist()) - {-1}
+        pool = [m for m in pool if m != n and (mask is None or mask[m])]
+        want = sorted(pool, key=lambda m: float((x[m] - z[row]).pow(2).sum()))[:3]
+        kept_ids = chosen[row][~dropped[row]].tolist()
+        assert len(kept_ids) == len(set(kept_ids)) and sorted(kept_ids) == sorted(want)
+
+
 @pytest.mark.parametrize("settings", [{"clusters": -1}, {"clusters": 4, "cluster_draws": 0},
                                       {"clusters": 4, "drift": "affine"}, {"probe": 2},
                                       {"clusters": 4, "probe": -1}])
 def test_negative_clusters_neither_draws_nor_probes_probes_without_clusters_or_affine_drift_are_refused(settings):
     with pytest.raises(ValueError, match="clusters"):
+        ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, **settings)
+
+
+@pytest.mark.parametrize("settings", [{"nearest": -1}, {"nearest": 4, "drift": "affine"}])
+def test_a_negative_nearest_or_one_with_affine_drift_is_refused(settings):
+    with pytest.raises(ValueError, match="nearest"):
         ExemplarPrior(LinearEncoder(2, 0.7), torch.randn(12, 2), path="scalable", neighbors=2, subset=12, **settings)
 
 

@@ -18,7 +18,7 @@ from vae_priors.experiments.files import load_state
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.training.svi import fit
 from vae_priors.guides.amortized_normal import AmortizedNormalGuide
-from vae_priors.models.exemplar_estimate import compact
+from vae_priors.models.exemplar_head_tail import compact
 from vae_priors.models.exemplar_prior import ExemplarPrior
 from vae_priors.models.plate import subsample
 
