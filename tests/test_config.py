@@ -58,6 +58,8 @@ def test_wrong_types_are_errors(tmp_path, text, message):
     ({"model": {"exemplar_clusters": -1}}, "model.exemplar_clusters must be >= 0"),
     ({"model": {"exemplar_clusters": 8, "exemplar_cluster_draws": 0}}, "got clusters=8, cluster_draws=0, probe=0"),
     ({"model": {"exemplar_probe": 2}}, "probe > 0 needs clusters > 0"),
+    ({"model": {"exemplar_nearest": -1}}, "model.exemplar_nearest must be >= 0"),
+    ({"model": {"exemplar_nearest": 8, "exemplar_drift": "affine"}}, "needs model.exemplar_drift = 'none'"),
     ({"data": {"likelihood": "gaussian"}}, "data.likelihood = 'gaussian' with data.binarize = 'static' would fit a "
                                            "Gaussian to 0/1 pixels; set data.binarize = 'none'"),
 ])

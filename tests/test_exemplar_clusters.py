@@ -212,7 +212,8 @@ def test_a_negative_nearest_or_one_with_affine_drift_is_refused(settings):
 
 
 @pytest.mark.parametrize("around_z", [{"exemplar_cluster_draws": 3},
-                                      {"exemplar_cluster_draws": 0, "exemplar_probe": 2}])
+                                      {"exemplar_cluster_draws": 0, "exemplar_probe": 2},
+                                      {"exemplar_cluster_draws": 0, "exemplar_probe": 2, "exemplar_nearest": 6}])
 def test_fit_with_draws_or_probes_around_z_trains_and_records_the_estimates_error(around_z):
     pyro.set_rng_seed(0)
     data = _tiny_digits(train=40)

@@ -168,7 +168,8 @@ def _fit_and_keep_state(rank: int, world: int, port: int, out: str, drift: str, 
         data = _tiny_digits(train=40)
         data = replace(data, val=replace(data.val, x=data.val.x[:2], labels=data.val.labels[:2]))
         pair = _scalable_pair(data, exemplar_drift=drift, exemplar_clusters=clusters, exemplar_cluster_draws=3,
-                              exemplar_probe=1 if clusters else 0)  # with clusters: draws and a probe
+                              exemplar_probe=1 if clusters else 0,  # with clusters: draws, a probe and a
+                              exemplar_nearest=5 if clusters else 0)  # head of the 5 candidates nearest to z
         prior = pair.model.prior
         states, end_epoch = [], prior.end_epoch
 
