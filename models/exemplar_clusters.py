@@ -35,8 +35,8 @@ class Clusters:
     sizes: torch.Tensor
     log_size: torch.Tensor
     variance: torch.Tensor
-    sorted_loc: torch.Tensor | None = None  # the components' means in ``order``: each cluster's rows together
-    sorted_sq_norm: torch.Tensor | None = None
+    sorted_loc: torch.Tensor  # the components' means in ``order``: each cluster's rows together
+    sorted_sq_norm: torch.Tensor
 
     def log_weights(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C): log w_c(z), the normalized log-probability of each cluster for each z (B, D)."""
@@ -55,16 +55,8 @@ class Clusters:
     def members_near(self, z: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``probes`` clusters whose centres are nearest to each z (B, D), an inverted-file search: (B, W) ids
         of all their members, each row padded to the longest with -1, and (B, probes) the clusters."""
-        distance = torch.addmm(self.centres.pow(2).sum(1), z, self.centres.T, alpha=-2)  # up to |z|^2
-        top = distance.topk(min(probes, self.centres.shape[0]), 1, largest=False, sorted=False).indices  # (B, t)
-        size = self.sizes[top]
-        ends = size.cumsum(1)
-        width = max(1, int(ends[:, -1].max()))
-        slot = torch.arange(width, device=z.device).expand(z.shape[0], -1).contiguous()
-        which = torch.searchsorted(ends, slot, right=True).clamp_max(top.shape[1] - 1)  # each slot's cluster
-        position = self.starts[top].gather(1, which) + slot - (ends - size).gather(1, which)
-        inside = slot < ends[:, -1:]
-        return torch.where(inside, self.order[position.where(inside, 0)], -1), top
+        row, position, top = self._probed(z, probes)
+        return pad_rows(row, self.order.index_select(0, position), z.shape[0], -1), top
 
     def nearest_members(self, z: torch.Tensor, probes: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,21 +65,35 @@ class Clusters:
         falls in the large clusters: probed rows hold 220 members at the median and 800 at most). Each cluster's
         means are read as one run of ``sorted_loc``, about 4x faster than gathering rows scattered over N. Also
         returns the (B, probes) clusters."""
-        distance = torch.addmm(self.centres.pow(2).sum(1), z, self.centres.T, alpha=-2)
+        row, position, top = self._probed(z, probes)
+        dot = (self.sorted_loc.index_select(0, position) * z.index_select(0, row)).sum(-1)
+        return row, self.order.index_select(0, position), self.sorted_sq_norm.index_select(0, position) - 2 * dot, top
+
+    def _probed(self, z: torch.Tensor, probes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The members of the ``probes`` clusters nearest to each z (B, D), ragged: each one's row of z (L,) and its
+        position in ``order`` (L,), row by row and cluster by cluster; and the (B, probes) clusters."""
+        distance = torch.addmm(self.centres.pow(2).sum(1), z, self.centres.T, alpha=-2)  # up to |z|^2
         top = distance.topk(min(probes, self.centres.shape[0]), 1, largest=False, sorted=False).indices  # (B, t)
         flat = top.flatten()  # (index_select throughout: several times faster than advanced indexing here)
         size = self.sizes.index_select(0, flat)
         run = torch.repeat_interleave(torch.arange(size.shape[0], device=z.device), size)  # each member's (b, cluster)
         shift = (self.starts.index_select(0, flat) - size.cumsum(0) + size).index_select(0, run)
         position = shift + torch.arange(run.shape[0], device=z.device)
-        row = run.div(top.shape[1], rounding_mode="floor")
-        dot = (self.sorted_loc.index_select(0, position) * z.index_select(0, row)).sum(-1)
-        return row, self.order.index_select(0, position), self.sorted_sq_norm.index_select(0, position) - 2 * dot, top
+        return run.div(top.shape[1], rounding_mode="floor"), position, top
 
     def log_prob(self, log_w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """log pi_c(m | z) for ids (B, M) under the proposal of each row of ``log_w`` (B, C)."""
         cluster = self.assign[ids]
         return log_w.gather(1, cluster) - self.log_size[cluster]
+
+
+def pad_rows(row: torch.Tensor, values: torch.Tensor, rows: int, fill: float) -> torch.Tensor:
+    """A ragged list (``values`` (L,) of rows ``row`` (L,), in row order) as a (rows, W) tensor, each row padded
+    with ``fill`` to the longest (W >= 1)."""
+    count = torch.bincount(row, minlength=rows)
+    column = torch.arange(row.shape[0], device=row.device) - (count.cumsum(0) - count).index_select(0, row)
+    width = max(1, int(count.max())) if rows else 1
+    return values.new_full((rows, width), fill).index_put_((row, column), values)
 
 
 @torch.no_grad()

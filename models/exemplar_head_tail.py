@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from vae_priors.models.exemplar_clusters import draw_near
+from vae_priors.models.exemplar_clusters import draw_near, pad_rows
 from vae_priors.models.mixture_distributions import HeadTailMixture, SearchedHeadTail
 from vae_priors.models.neighbor_table import merge, not_in, rows
 
@@ -112,14 +112,10 @@ class HeadTailEstimate:
             row, members, member_score, top = self._clusters.nearest_members(z, self.probe)
             cluster = self._clusters.assign.index_select(0, head.flatten()).view_as(head)
             invalid |= (cluster[..., None] == top[:, None, :]).any(-1)  # listed as members too
-            count = torch.bincount(row, minlength=head.shape[0])
-            column = head.shape[1] + torch.arange(row.shape[0], device=z.device) - (count.cumsum(0) - count)[row]
-            width = head.shape[1] + int(count.max())
-            ids = torch.cat([head, index[:, None].expand(-1, width - head.shape[1])], 1)  # padding: n, dropped
-            ids = ids.index_put_((row, column), members)
-            score = torch.cat([score, score.new_zeros(ids.shape[0], width - head.shape[1])], 1)
-            score = score.index_put_((row, column), member_score)
-            invalid = torch.cat([invalid, invalid.new_zeros(ids.shape[0], width - head.shape[1])], 1)
+            members = pad_rows(row, members, head.shape[0], -1)
+            ids = torch.cat([head, members.clamp_min(0)], 1)
+            score = torch.cat([score, pad_rows(row, member_score, head.shape[0], math.inf)], 1)
+            invalid = torch.cat([invalid, members < 0], 1)
         invalid |= ids == index[:, None]
         if kept is not None:
             invalid |= ~kept.index_select(0, ids.flatten()).view_as(ids)
