@@ -202,11 +202,12 @@ def test_bench_exemplar_heads_compares_head_choices_against_the_exact_mixture_of
     assert len(errors) == 13 and all(0 <= e < 100 for e in errors)
 
 
-def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit(tmp_path):
+def test_bench_mixture_prior_epoch_cost_times_both_variants_through_fit_on_the_threads_asked(tmp_path):
     (tmp_path / "ex.toml").write_text(SCALABLE_EXEMPLAR)
     result = vae_priors("bench", "mixture-prior", "--epoch-cost", "ex.toml", "--epochs", "2", "--rounds", "1",
-                        cwd=tmp_path)
+                        "--threads", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "1 thread(s)" in result.stdout
     lines = [line for line in result.stdout.splitlines() if "per epoch" in line]
     assert [line.split()[0] for line in lines] == ["vae", "vae-exemplar"] and lines[0].endswith("1.00x vae")
 

@@ -37,6 +37,7 @@ from vae_priors.experiments.config import load as load_config
 from vae_priors.experiments.data.datasets import Dataset, Split
 from vae_priors.experiments.registry import get_variant
 from vae_priors.experiments.runs.layout import build_pair, load_run_data
+from vae_priors.experiments.runtime import set_threads
 from vae_priors.experiments.training.svi import fit
 from vae_priors.models.plate import subsample
 
@@ -192,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="with --epoch-cost: epochs per turn")
     parser.add_argument("--rounds", type=int, default=2, help="with --epoch-cost: turns of each variant")
     parser.add_argument("--skip", type=int, default=1, help="with --epoch-cost: first epochs of each turn not timed")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / processes); the study's "
+                        "numbers use 1, as its runs do")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     if args.epoch_cost:
         return epoch_cost(args.epoch_cost, args.epochs, args.rounds, args.skip)
     if not args.data.is_file():
