@@ -29,8 +29,19 @@ local_refit_steps = 5
 """
 
 
+def cli_environment(cwd: Path) -> dict[str, str]:
+    """A CLI subprocess's environment: one torch thread and caches under ``cwd``, except matplotlib's font cache,
+    which is this process's (built here once). Built afresh in every subprocess it cost ~0.7 s a launch, and when
+    building took over 5 s (two test workers on 2 busy cores) matplotlib printed a line on stderr that the
+    one-line-error tests count."""
+    import matplotlib.font_manager  # noqa: F401  (builds the font cache if there is none)
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache"),
+            "MPLCONFIGDIR": matplotlib.get_cachedir()}
+
+
 def vae_priors(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache")}
+    env = cli_environment(cwd)
     return subprocess.run([sys.executable, "-m", "vae_priors.experiments.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

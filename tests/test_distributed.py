@@ -21,6 +21,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 from test_cli import TINY as CLI_TINY
+from test_cli import cli_environment
 from torch import nn
 
 from vae_priors.experiments.config import ModelConfig, SVIConfig
@@ -222,9 +223,8 @@ TINY = CLI_TINY.replace('["vae", "vae-local-guide", "cvae"]', '["vae", "vae-loca
 
 
 def _vae_priors(launcher: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache")}
-    return subprocess.run([sys.executable, *launcher, "vae_priors.experiments.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *launcher, "vae_priors.experiments.cli", *args], cwd=cwd,
+                          env=cli_environment(cwd), capture_output=True, text=True, timeout=600)
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--module"]
@@ -280,18 +280,33 @@ def test_a_two_process_torchrun_run_matches_the_one_process_run_and_writes_one_d
         assert (single[column] - double[column]).abs().max() < tolerance, column
 
 
-def test_diagnose_under_torchrun_repeats_itself_and_matches_one_process_where_the_draws_are_shared(tmp_path):
+# One uninterrupted 2-process run of the tiny config (`vae` alone, 3 epochs, no diagnostics), shared by the tests
+# below: each torchrun launch costs about 20 s of imports and gloo setup on 2 cores (under xdist, ``--dist loadfile``
+# keeps a file's tests on one worker, so the run is made once).
+VAE_ONLY = TINY.replace('["vae", "vae-local-guide"]', '["vae"]').replace("epochs = 2", "epochs = 3")
+
+
+@pytest.fixture(scope="module")
+def two_process_vae_run(tmp_path_factory) -> Path:
+    """``torchrun --nproc_per_node=2 vae-priors run`` of ``VAE_ONLY``; tests copy it rather than change it."""
+    where = tmp_path_factory.mktemp("shared")
+    (where / "tiny.toml").write_text(VAE_ONLY)
+    made = _torchrun("run", "tiny.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=where,
+                     restore=_remove(where / "run"))
+    assert made.returncode == 0, made.stderr
+    return where / "run"
+
+
+def test_diagnose_under_torchrun_repeats_itself_and_matches_one_process_where_the_draws_are_shared(
+        tmp_path, two_process_vae_run):
     """``torchrun ... diagnose`` twice on copies of one 2-process run gives the same diagnostics.csv (same seed, same
     W); one process gives the same numbers wherever they have a closed form or use draws every rank shares (the
     aggregate KLs and hole share of the N(0, I) prior), and only rank 0 prints or writes."""
-    (tmp_path / "tiny.toml").write_text(TINY.replace('["vae", "vae-local-guide"]', '["vae"]'))
-    made = _torchrun("run", "tiny.toml", "--out", "run", "--quiet", "--no-diagnose", cwd=tmp_path,
-                     restore=_remove(tmp_path / "run"))
-    assert made.returncode == 0, made.stderr
     for copy in ("a", "b", "one"):
-        shutil.copytree(tmp_path / "run", tmp_path / copy)
+        shutil.copytree(two_process_vae_run, tmp_path / copy)
     for copy in ("a", "b"):
-        result = _torchrun("diagnose", copy, "--quiet", cwd=tmp_path, restore=_copy(tmp_path / "run", tmp_path / copy))
+        result = _torchrun("diagnose", copy, "--quiet", cwd=tmp_path,
+                           restore=_copy(two_process_vae_run, tmp_path / copy))
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("all columns") == 1  # rank 0 alone
     result = _vae_priors(["-m"], "diagnose", "one", "--quiet", cwd=tmp_path)
@@ -308,18 +323,16 @@ def test_diagnose_under_torchrun_repeats_itself_and_matches_one_process_where_th
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "diagnostics.csv"), b)
 
 
-def test_resume_under_torchrun_continues_bit_for_bit(tmp_path):
+def test_resume_under_torchrun_continues_bit_for_bit(tmp_path, two_process_vae_run):
     """A 2-process run stopped after epoch 1 of 3 and finished with ``torchrun ... run --resume`` equals an
     uninterrupted 2-process run: rank 0's RNG states come from the checkpoint, rank 1 reseeds from (seed, rank,
     epoch). The stop is what one after epoch 1 leaves behind: the epoch-1 checkpoint and no metrics row (made by a
     1-epoch run whose config.toml then says 3)."""
-    config = TINY.replace('["vae", "vae-local-guide"]', '["vae"]').replace("epochs = 2", "epochs = 3")
-    (tmp_path / "tiny.toml").write_text(config)
-    (tmp_path / "short.toml").write_text(config.replace("epochs = 3", "epochs = 1"))
+    (tmp_path / "short.toml").write_text(VAE_ONLY.replace("epochs = 3", "epochs = 1"))
     quiet = ("--quiet", "--no-diagnose")
-    for toml, out in (("tiny.toml", "full"), ("short.toml", "stopped")):
-        result = _torchrun("run", toml, "--out", out, *quiet, cwd=tmp_path, restore=_remove(tmp_path / out))
-        assert result.returncode == 0, result.stderr
+    result = _torchrun("run", "short.toml", "--out", "stopped", *quiet, cwd=tmp_path,
+                       restore=_remove(tmp_path / "stopped"))
+    assert result.returncode == 0, result.stderr
     stopped = tmp_path / "stopped"
     (stopped / "config.toml").write_text((stopped / "config.toml").read_text().replace("epochs = 1", "epochs = 3"))
     (stopped / "metrics.csv").unlink(), (stopped / "history.csv").unlink()
@@ -328,6 +341,6 @@ def test_resume_under_torchrun_continues_bit_for_bit(tmp_path):
                         restore=_copy(tmp_path / "as-stopped", stopped))
     assert resumed.returncode == 0, resumed.stderr
     for name, drop in (("history.csv", ["seconds"]), ("metrics.csv", ["fit_seconds", "eval_seconds"])):
-        full, done = (pd.read_csv(tmp_path / run / name).drop(columns=drop) for run in ("full", "stopped"))
+        full, done = (pd.read_csv(run / name).drop(columns=drop) for run in (two_process_vae_run, stopped))
         pd.testing.assert_frame_equal(done, full, check_exact=True)
     assert len(pd.read_csv(stopped / "history.csv")) == 3

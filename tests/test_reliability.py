@@ -7,7 +7,6 @@ thread) so the whole file takes well under a minute of CPU.
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_cli import cli_environment
 
 from vae_priors.experiments.cli import (
     EXIT_FAILURE,
@@ -55,8 +55,7 @@ def command(*args: str) -> list[str]:
 
 
 def environment(cwd: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "VAE_PRIORS_DEBUG"}
-    return {**env, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(cwd / ".cache")}
+    return {k: v for k, v in cli_environment(cwd).items() if k != "VAE_PRIORS_DEBUG"}
 
 
 def vae_priors(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
